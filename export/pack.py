@@ -1,0 +1,157 @@
+"""Build a pack folder from PyTorch models: three step graphs + tokenizer + manifest.
+
+The pack is assembled in a temporary sibling folder and renamed into place at
+the end, so an interrupted export never leaves a half-written pack where the
+engine would find it. The result is loaded back with :func:`engine.pack.load`
+before it is handed over, so every pack this writes has passed the same checks
+the engine applies.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine import pack as packfmt
+from export.onnx import GraphSpec, export_graph, fold_weight_norm, quantize_int8
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackSpec:
+    """What goes into a pack besides the graphs themselves."""
+
+    name: str
+    description: str
+    sample_rate: int
+    channels: int
+    hop_length: int
+    n_codebooks: int
+    cardinality: int
+    delays: list[int]
+    prompts: list[str]
+    frames_per_step: int = 1
+    context: int = 500
+    text_len: int = 32
+    quantize: str = "none"  # "none" | "int8"
+    source: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def _tensor_table(spec: GraphSpec) -> dict[str, list[dict]]:
+    return {
+        "inputs": [t.to_manifest() for t in spec.inputs],
+        "outputs": [t.to_manifest() for t in spec.outputs],
+    }
+
+
+def _export(module: nn.Module, spec: GraphSpec, example: tuple, path: Path, what: str) -> None:
+    t0 = time.perf_counter()
+    export_graph(module, example, spec, path)
+    log.info("exported %s -> %s in %.1f s", what, path.name, time.perf_counter() - t0)
+
+
+def build_pack(
+    out: str | Path,
+    spec: PackSpec,
+    *,
+    decoder_step: nn.Module,
+    lm_step: nn.Module,
+    conditioner: nn.Module,
+    tokenizer_file: str | Path,
+    lm_meta: dict[str, Any],
+    overwrite: bool = False,
+) -> packfmt.Pack:
+    """Export the three step graphs and write a validated pack to ``out``.
+
+    ``decoder_step``, ``lm_step`` and ``conditioner`` are the explicit-state
+    wrappers (export.streaming.StreamingDecoder, export.lm.LMStep,
+    export.conditioner.ConditionerGraph); each exposes ``spec`` and
+    ``example_inputs()``. ``lm_meta`` holds the [lm] manifest keys that
+    describe the model (positions, max_positions, layers, heads, head_dim,
+    dim, rope_theta).
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.no_grad():
+            dec = fold_weight_norm(copy.deepcopy(decoder_step)).eval()
+            _export(dec, dec.spec, dec.example_inputs(), tmp / "decoder.onnx", "decoder step")
+            _export(conditioner.eval(), conditioner.spec, conditioner.example_inputs(), tmp / "conditioner.onnx", "conditioner")
+            lm_file = tmp / "lm.onnx"
+            _export(lm_step.eval(), lm_step.spec, lm_step.example_inputs(), lm_file, "LM step")
+            if spec.quantize == "int8":
+                fp32 = tmp / "lm.fp32.onnx"
+                lm_file.rename(fp32)
+                quantize_int8(fp32, lm_file)
+                fp32.unlink()
+            elif spec.quantize != "none":
+                raise ValueError(f"--quantize {spec.quantize!r}: choose none or int8")
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+
+        doc: dict[str, Any] = {
+            "format": packfmt.FORMAT_VERSION,
+            "name": spec.name,
+            "description": spec.description,
+            "audio": {
+                "sample_rate": spec.sample_rate,
+                "channels": spec.channels,
+                "frame_rate": spec.sample_rate / spec.hop_length,
+                "hop_length": spec.hop_length,
+            },
+            "codebooks": {
+                "count": spec.n_codebooks,
+                "cardinality": spec.cardinality,
+                "special_token": spec.cardinality,
+                "delays": list(spec.delays),
+            },
+            "decoder": {
+                "file": "decoder.onnx",
+                "frames_per_step": spec.frames_per_step,
+                "lookahead_samples": int(decoder_step.lookahead_samples),
+                "causal": int(decoder_step.lookahead_samples) == 0,
+                **_tensor_table(decoder_step.spec),
+            },
+            "lm": {
+                "file": "lm.onnx",
+                "context": spec.context,
+                "batch": 2,
+                "quantization": spec.quantize,
+                **lm_meta,
+                **_tensor_table(lm_step.spec),
+            },
+            "conditioner": {
+                "file": "conditioner.onnx",
+                "tokenizer": "tokenizer.json",
+                "max_tokens": spec.text_len,
+                **_tensor_table(conditioner.spec),
+            },
+            "prompts": {"known": list(spec.prompts)},
+        }
+        if spec.source:
+            doc["source"] = spec.source
+        if spec.training:
+            doc["training"] = spec.training
+        packfmt.write_manifest(tmp, doc)
+        packfmt.load(tmp)  # refuse to hand over anything the engine would refuse
+
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return packfmt.load(out)
