@@ -308,7 +308,11 @@ def _check_state_pairs(g: GraphInfo, problems: _Problems) -> None:
 def _expect(g: GraphInfo, kind: str, name: str, shape: tuple[int, ...], dtype: str, why: str, problems: _Problems) -> None:
     t = g.input(name) if kind == "inputs" else g.output(name)
     if t is None:
-        problems.add(f"{MANIFEST}: [{g.section}] must declare {kind[:-1]} '{name}' {list(shape)} {dtype}")
+        declared = ", ".join(x.name for x in (g.inputs if kind == "inputs" else g.outputs)) or "none"
+        problems.add(
+            f"{MANIFEST}: [{g.section}] must declare {kind[:-1]} '{name}' {list(shape)} {dtype} "
+            f"(declared {kind}: {declared})"
+        )
         return
     if t.shape != shape or t.dtype != dtype:
         problems.add(
@@ -493,11 +497,10 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
             Tokenizer.from_file(str(tokenizer))
         except Exception as exc:
             problems.add(f"{tokenizer.name}: not a readable tokenizers file ({_first_line(exc)})")
-    problems.raise_if_any()
     if check_graphs:
         for g in graphs.values():
             _check_graph_file(g, problems)
-        problems.raise_if_any()
+    problems.raise_if_any()
     return pack
 
 

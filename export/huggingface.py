@@ -94,7 +94,7 @@ def convert(
     from export.codec import load_hf_encodec
     from export.conditioner import ConditionerGraph, T5Wrapper
     from export.lm import LMStep, load_hf_musicgen_decoder
-    from export.pack import PackSpec, build_pack
+    from export.pack import PackSpec, build_pack, lm_manifest
     from export.streaming import StreamingDecoder
 
     model_dir = Path(model_dir)
@@ -111,8 +111,8 @@ def convert(
     )
     text = T5Wrapper(model.text_encoder, proj if uses_proj else None)
 
-    lcfg = lm.config
-    ccfg = codec.config
+    lcfg = lm.cfg
+    ccfg = codec.cfg
     ctx = context or min(1500, lcfg.max_positions)
     if ctx > lcfg.max_positions:
         raise ConversionError(f"--context {ctx} exceeds the model's {lcfg.max_positions} positions")
@@ -148,19 +148,3 @@ def convert(
             lm_meta=lm_manifest(lm),
             overwrite=overwrite,
         )
-
-
-def lm_manifest(lm) -> dict:
-    """The [lm] manifest keys that describe an export.lm.LM."""
-    c = lm.config
-    meta = {
-        "positions": c.positions,
-        "max_positions": int(c.max_positions) if c.positions == "sinusoidal" else 0,
-        "layers": c.layers,
-        "heads": c.heads,
-        "head_dim": c.dim // c.heads,
-        "dim": c.dim,
-    }
-    if c.positions == "rotary":
-        meta["rope_theta"] = float(c.rope_theta)
-    return meta

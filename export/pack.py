@@ -155,3 +155,19 @@ def build_pack(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return packfmt.load(out)
+
+
+def lm_manifest(lm: nn.Module) -> dict[str, Any]:
+    """The [lm] manifest keys that describe an export.lm.LM."""
+    c = lm.cfg
+    meta: dict[str, Any] = {
+        "positions": c.positions,
+        "max_positions": int(c.max_positions) if c.positions == "sinusoidal" else 0,
+        "layers": c.layers,
+        "heads": c.heads,
+        "head_dim": c.dim // c.heads,
+        "dim": c.dim,
+    }
+    if c.positions == "rotary":
+        meta["rope_theta"] = float(c.rope_theta)
+    return meta

@@ -67,6 +67,24 @@ def test_renamed_tensor(pack_copy: Path) -> None:
     assert "'tokens'" in msg  # names the graph's real input too
 
 
+def test_tensor_renamed_in_graph(pack_copy: Path) -> None:
+    """The ONNX file's input was renamed (e.g. a re-export by other code)."""
+    import onnx
+
+    path = pack_copy / "decoder.onnx"
+    model = onnx.load(str(path))
+    old = model.graph.input[0].name
+    for node in model.graph.node:
+        node.input[:] = ["codes_renamed" if i == old else i for i in node.input]
+    model.graph.input[0].name = "codes_renamed"
+    onnx.save(model, str(path))
+    _refused(
+        pack_copy,
+        r"decoder\.onnx: the manifest declares input 'codes' but the graph has no such input",
+        r"graph input 'codes_renamed' is not declared",
+    )
+
+
 def test_wrong_shape_declared(pack_copy: Path) -> None:
     def grow(doc):
         for t in doc["decoder"]["inputs"]:
