@@ -101,9 +101,12 @@ def bench_pack(pack_dir: Path, threads: int, steps: int, label: str) -> list[dic
     return rows
 
 
-def build(shape: str, out: Path, frames_per_step: int) -> Path:
+def build(shape: str, out: Path, frames_per_step: int, reuse: bool) -> Path:
     from export.architectures import random_pack
 
+    if reuse and (out / packfmt.MANIFEST).is_file():
+        packfmt.load(out)
+        return out
     random_pack(shape, out, seed=0, frames_per_step=frames_per_step, overwrite=True)
     return out
 
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--frames-per-step", type=int, default=1)
     ap.add_argument("--keep", type=Path, default=None, help="keep the built packs in this folder")
+    ap.add_argument("--reuse", action="store_true", help="with --keep: reuse packs already built there")
     ap.add_argument("--write", type=Path, default=None, help="write a markdown report here")
     args = ap.parse_args(argv)
 
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
             t0 = time.perf_counter()
-            pack_dir = build(shape, work / shape, args.frames_per_step)
+            pack_dir = build(shape, work / shape, args.frames_per_step, args.reuse)
             builds[shape] = time.perf_counter() - t0
             print(f"built {shape} pack in {builds[shape]:.0f} s", flush=True)
             for row in bench_pack(pack_dir, args.threads, args.steps, shape):

@@ -71,20 +71,6 @@ class GraphSpec:
         return [s.name for s in self.outputs]
 
 
-def fold_weight_norm(module: nn.Module) -> nn.Module:
-    """Remove weight-norm parametrizations in place (the graph then holds plain weights)."""
-    from torch.nn.utils import parametrize
-
-    for m in module.modules():
-        if parametrize.is_parametrized(m):
-            for name in list(m.parametrizations.keys()):
-                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-        if hasattr(m, "weight_g") and hasattr(m, "weight_v"):  # legacy weight_norm
-            with contextlib.suppress(ValueError):
-                torch.nn.utils.remove_weight_norm(m)
-    return module
-
-
 def export_graph(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -94,7 +80,7 @@ def export_graph(
     opset: int = 17,
     dynamo: bool = False,
 ) -> Path:
-    """Export ``module`` (already in eval mode, weight norm folded) to ``path``.
+    """Export ``module`` (in eval mode, plain weights) to ``path``.
 
     The TorchScript exporter (``dynamo=False``) is the default: with fixed
     shapes it is both reliable and fast (tenths of a second for the tiny test

@@ -9,7 +9,6 @@ the engine applies.
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from engine import pack as packfmt
-from export.onnx import GraphSpec, export_graph, fold_weight_norm, quantize_int8
+from export.onnx import GraphSpec, export_graph, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +85,10 @@ def build_pack(
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o777 & ~packfmt.current_umask())  # mkdtemp makes it private; a pack is an ordinary folder
     try:
         with torch.no_grad():
-            dec = fold_weight_norm(copy.deepcopy(decoder_step)).eval()
-            _export(dec, dec.spec, dec.example_inputs(), tmp / "decoder.onnx", "decoder step")
+            _export(decoder_step.eval(), decoder_step.spec, decoder_step.example_inputs(), tmp / "decoder.onnx", "decoder step")
             _export(conditioner.eval(), conditioner.spec, conditioner.example_inputs(), tmp / "conditioner.onnx", "conditioner")
             lm_file = tmp / "lm.onnx"
             _export(lm_step.eval(), lm_step.spec, lm_step.example_inputs(), lm_file, "LM step")

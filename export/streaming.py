@@ -52,6 +52,7 @@ from export.codec import (
 from export.onnx import GraphSpec, TensorSpec
 
 StateShape = tuple[str, tuple[int, ...]]  # (name, shape), float32
+_LayerOut = tuple[torch.Tensor, list[torch.Tensor]]  # (y, new state)
 
 
 class _Ctx:
@@ -115,7 +116,7 @@ class _StreamConv(nn.Module):
         )
         ctx.delay += d
 
-    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> _LayerOut:
         """x [B, C_in, N] -> y [B, C_out, N]."""
         if self.cache_len == 0:
             return self.conv(x), []
@@ -125,10 +126,15 @@ class _StreamConv(nn.Module):
         if self.fix:
             o = _offline_index(step, self.spf, self.cache_len + self.delay_in, length)
             neg = o < 0
-            if self.reflect:
-                pos = torch.arange(length, dtype=torch.int64)
-                src = torch.clamp(pos - 2 * o, 0, length - 1)
-                fixed = torch.where(neg, buf.index_select(2, src), buf)
+            if self.reflect and self.pad_left > 0:
+                # Offline index -k (1 <= k <= pad_left) mirrors offline index k. Only
+                # those pre-roll positions can reach a valid output; the rest become 0.
+                # A gather of pad_left samples and a one-hot matmul keep this cheap.
+                k = torch.arange(1, self.pad_left + 1, dtype=torch.int64)  # [pl]
+                p0 = self.cache_len + self.delay_in - step * self.spf  # position of offline 0, [1]
+                mirror = buf.index_select(2, torch.clamp(p0 + k, 0, length - 1))  # [B, C, pl]
+                place = (o.unsqueeze(0) == -k.unsqueeze(1)).to(buf.dtype)  # [pl, length]
+                fixed = torch.where(neg, torch.matmul(mirror, place), buf)
             else:
                 fixed = buf.masked_fill(neg, 0.0)
         else:
@@ -138,7 +144,7 @@ class _StreamConv(nn.Module):
 
 
 class _StreamLSTM(nn.Module):
-    """LSTM with skip, stepped frame by frame; pre-roll frames leave (h, c) alone."""
+    """LSTM with skip; pre-roll frames are stepped one by one and leave (h, c) alone."""
 
     def __init__(self, block: LSTMBlock, ctx: _Ctx, name: str) -> None:
         super().__init__()
@@ -150,21 +156,25 @@ class _StreamLSTM(nn.Module):
         shape = (self.lstm.num_layers, ctx.batch, self.lstm.hidden_size)
         self.state: list[StateShape] = [(f"{name}_h", shape), (f"{name}_c", shape)]
 
-    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> _LayerOut:
         """x [B, D, F] -> [B, D, F]."""
         h, c = state
+        seq = x.permute(2, 0, 1)  # [F, B, D]
+        # Frame f of a call is pre-roll iff step + f < delay_in, so only the first
+        # min(delay_in, F) frames need the masked single steps; the rest run as one.
+        singles = min(self.delay_in, self.frames)
         outs = []
-        for f in range(self.frames):
-            xf = x[:, :, f].unsqueeze(0)  # [1, B, D]
-            y, (h2, c2) = self.lstm(xf, (h, c))
-            if self.delay_in > 0:
-                live = step + (f - self.delay_in) >= 0  # [1] bool
-                h = torch.where(live, h2, h)
-                c = torch.where(live, c2, c)
-            else:
-                h, c = h2, c2
-            outs.append(y[0])
-        return torch.stack(outs, dim=-1) + x, [h, c]
+        for f in range(singles):
+            y, (h2, c2) = self.lstm(seq[f : f + 1], (h, c))
+            live = step + (f - self.delay_in) >= 0  # [1] bool
+            h = torch.where(live, h2, h)
+            c = torch.where(live, c2, c)
+            outs.append(y)
+        if singles < self.frames:
+            y, (h, c) = self.lstm(seq[singles:], (h, c))
+            outs.append(y)
+        out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        return (out + seq).permute(1, 2, 0), [h, c]
 
 
 class _StreamConvTranspose(nn.Module):
@@ -188,7 +198,7 @@ class _StreamConvTranspose(nn.Module):
         ctx.delay = ctx.delay * self.stride + trim_left
         ctx.spf *= self.stride
 
-    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> _LayerOut:
         """x [B, C_in, N] -> [B, C_out, N * stride]."""
         if self.delay_in > 0:
             o = _offline_index(step, self.spf_in, self.delay_in, self.n_in)
@@ -222,7 +232,7 @@ class _StreamResidual(nn.Module):
         self.n0 = len(self.conv0.state)
         self.n1 = len(self.conv1.state)
 
-    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> _LayerOut:
         """x [B, dim, N] -> [B, dim, N]."""
         s0 = state[: self.n0]
         s1 = state[self.n0 : self.n0 + self.n1]
@@ -243,7 +253,7 @@ class _Act(nn.Module):
         self.elu = nn.ELU()
         self.state: list[StateShape] = []
 
-    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, step: torch.Tensor, state: list[torch.Tensor]) -> _LayerOut:
         return self.elu(x), []
 
 
