@@ -4,8 +4,9 @@ A pack holds three graphs (see docs/pack-format.md for the whole contract)::
 
     conditioner.onnx  text_tokens [1,Tc], text_mask [1,Tc]       -> cross_k, cross_v [L,1,H,Tc,Dh]
     lm.onnx           tokens [B,K], position | rope_cos/rope_sin,
-                      cache_k/v [L,B,H,S,Dh], cache_mask [1,S],
-                      cross_k/v [L,B,H,Tc,Dh], cross_mask [B,Tc]  -> logits [B,K,card], new_k/v [L,B,H,1,Dh]
+                      cache_k_<l>/cache_v_<l> [B,H,S,Dh] per layer, cache_mask [1,S],
+                      cross_k_<l>/cross_v_<l> [B,H,Tc,Dh] per layer, cross_mask [B,Tc]
+                                                                  -> logits [B,K,card], new_k/v [L,B,H,1,Dh]
     decoder.onnx      codes [1,K,F], *state_in                    -> pcm [1,C,F*hop], *state_out
 
 :func:`load` reads the manifest, checks every key and value, and checks every
@@ -301,7 +302,10 @@ def _check_state_pairs(g: GraphInfo, problems: _Problems) -> None:
                 f"'{partner.name}' {list(partner.shape)} {partner.dtype} differ"
             )
     for t in g.outputs:
-        if t.state is not None and t.state not in inputs:
+        if t.state is not None and t.state.endswith("_*"):  # one input per layer: cache_k_0, cache_k_1, ...
+            if not any(n.startswith(t.state[:-1]) for n in inputs):
+                problems.add(f"{MANIFEST}: [{g.section}] state output '{t.name}' names inputs '{t.state}', none declared")
+        elif t.state is not None and t.state not in inputs:
             problems.add(f"{MANIFEST}: [{g.section}] state output '{t.name}' names input '{t.state}', which is not declared")
 
 
@@ -372,12 +376,12 @@ def _check_consistency(p: Pack, problems: _Problems) -> None:
         _expect(lm, "inputs", "rope_sin", (1, Dh // 2), "float32", "1 x head_dim/2", problems)
         if "rope_theta" not in lm.params:
             problems.add(f"{MANIFEST}: rotary packs need lm.rope_theta")
-    cache = (L, B, H, S, Dh)
-    for n in ("cache_k", "cache_v"):
-        _expect(lm, "inputs", n, cache, "float32", "layers x batch x heads x context x head_dim", problems)
+    for i in range(L):
+        for n in (f"cache_k_{i}", f"cache_v_{i}"):
+            _expect(lm, "inputs", n, (B, H, S, Dh), "float32", "batch x heads x context x head_dim", problems)
+        for n in (f"cross_k_{i}", f"cross_v_{i}"):
+            _expect(lm, "inputs", n, (B, H, Tc, Dh), "float32", "batch x heads x conditioner.max_tokens x head_dim", problems)
     _expect(lm, "inputs", "cache_mask", (1, S), "float32", "1 x lm.context", problems)
-    for n in ("cross_k", "cross_v"):
-        _expect(lm, "inputs", n, (L, B, H, Tc, Dh), "float32", "layers x batch x heads x conditioner.max_tokens x head_dim", problems)
     _expect(lm, "inputs", "cross_mask", (B, Tc), "float32", "lm.batch x conditioner.max_tokens", problems)
     _expect(lm, "outputs", "logits", (B, cb.count, cb.cardinality), "float32", "batch x codebooks x cardinality", problems)
     for n in ("new_k", "new_v"):

@@ -101,14 +101,14 @@ def bench_pack(pack_dir: Path, threads: int, steps: int, label: str) -> list[dic
     return rows
 
 
-def build(shape: str, out: Path, frames_per_step: int, reuse: bool) -> Path:
+def build(shape: str, out: Path, frames_per_step: int, reuse: bool) -> tuple[Path, bool]:
     from export.architectures import random_pack
 
     if reuse and (out / packfmt.MANIFEST).is_file():
         packfmt.load(out)
-        return out
+        return out, False
     random_pack(shape, out, seed=0, frames_per_step=frames_per_step, overwrite=True)
-    return out
+    return out, True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
             t0 = time.perf_counter()
-            pack_dir = build(shape, work / shape, args.frames_per_step, args.reuse)
-            builds[shape] = time.perf_counter() - t0
-            print(f"built {shape} pack in {builds[shape]:.0f} s", flush=True)
+            pack_dir, built = build(shape, work / shape, args.frames_per_step, args.reuse)
+            if built:
+                builds[shape] = time.perf_counter() - t0
+                print(f"built {shape} pack in {builds[shape]:.0f} s", flush=True)
+            else:
+                print(f"reusing the {shape} pack in {pack_dir}", flush=True)
             for row in bench_pack(pack_dir, args.threads, args.steps, shape):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -161,9 +164,11 @@ def write_report(path: Path, rows: list[dict[str, Any]], builds: dict[str, float
             "",
             *lines,
             "",
-            "Pack build times (random weights, export, validation): "
-            + ", ".join(f"{k} {v:.0f} s" for k, v in builds.items()),
-            "",
+            *(
+                ["Pack build times (random weights, export, validation): "
+                 + ", ".join(f"{k} {v:.0f} s" for k, v in builds.items()), ""]
+                if builds else []
+            ),
             f"Reproduce: `{cmd}`",
             "<!-- bench:end -->",
         ]

@@ -370,15 +370,21 @@ class LMStep(nn.Module):
     - ``tokens`` int64 ``[B, K]``: one column of the delayed grid (0..card)
     - sinusoidal: ``position`` int64 ``[1]``; rotary: ``rope_cos``,
       ``rope_sin`` float32 ``[1, Dh/2]`` (see :func:`rope_cos_sin`)
-    - ``cache_k``, ``cache_v`` float32 ``[L, B, H, S, Dh]`` (keys after rotary)
+    - ``cache_k_<l>``, ``cache_v_<l>`` float32 ``[B, H, S, Dh]`` for each layer
+      ``l`` (keys after rotary)
     - ``cache_mask`` float32 ``[1, S]`` additive (0 filled / float32 min empty)
-    - ``cross_k``, ``cross_v`` float32 ``[L, B, H, Tc, Dh]``, ``cross_mask``
-      float32 ``[B, Tc]`` additive (only when the LM has cross-attention)
+    - ``cross_k_<l>``, ``cross_v_<l>`` float32 ``[B, H, Tc, Dh]`` for each layer,
+      ``cross_mask`` float32 ``[B, Tc]`` additive (only with cross-attention)
 
-    Outputs: ``logits`` ``[B, K, card]``; ``new_k``, ``new_v`` ``[L, B, H, 1, Dh]``
-    to be written into ring slot ``position % S``. The cache is never
-    concatenated: scores against the cache and against the new key are
-    computed apart and softmaxed together.
+    Outputs: ``logits`` ``[B, K, card]``; ``new_k``, ``new_v`` ``[L, B, H, 1, Dh]``;
+    layer ``l`` of them is written into ring slot ``position % S`` of
+    ``cache_k_<l>`` / ``cache_v_<l>``.
+
+    Cost is independent of how long the stream has run, and nearly of ``S``:
+    the cache is never concatenated, sliced or transposed (each of which would
+    copy it every step: one tensor per layer, not a stacked ``[L, ...]`` one, and
+    scores computed as ``K @ q^T`` rather than ``q @ K^T``). Scores against the
+    cache and against the new key are computed apart and softmaxed together.
     """
 
     def __init__(self, lm: LM, batch: int = 2, context: int = 500, text_len: int = 32) -> None:
@@ -398,21 +404,20 @@ class LMStep(nn.Module):
             inputs.append(TensorSpec("position", (1,), "int64"))
         else:
             inputs += [TensorSpec("rope_cos", (1, d // 2)), TensorSpec("rope_sin", (1, d // 2))]
-        inputs += [
-            TensorSpec("cache_k", (l, b, h, s, d), state="new_k"),
-            TensorSpec("cache_v", (l, b, h, s, d), state="new_v"),
-            TensorSpec("cache_mask", (1, s)),
-        ]
-        if cfg.cross_attention:
+        for i in range(l):
             inputs += [
-                TensorSpec("cross_k", (l, b, h, tc, d)),
-                TensorSpec("cross_v", (l, b, h, tc, d)),
-                TensorSpec("cross_mask", (b, tc)),
+                TensorSpec(f"cache_k_{i}", (b, h, s, d), state="new_k"),
+                TensorSpec(f"cache_v_{i}", (b, h, s, d), state="new_v"),
             ]
+        inputs.append(TensorSpec("cache_mask", (1, s)))
+        if cfg.cross_attention:
+            for i in range(l):
+                inputs += [TensorSpec(f"cross_k_{i}", (b, h, tc, d)), TensorSpec(f"cross_v_{i}", (b, h, tc, d))]
+            inputs.append(TensorSpec("cross_mask", (b, tc)))
         outputs = [
             TensorSpec("logits", (b, k, cfg.card)),
-            TensorSpec("new_k", (l, b, h, 1, d), state="cache_k"),
-            TensorSpec("new_v", (l, b, h, 1, d), state="cache_v"),
+            TensorSpec("new_k", (l, b, h, 1, d), state="cache_k_*"),
+            TensorSpec("new_v", (l, b, h, 1, d), state="cache_v_*"),
         ]
         meta: dict[str, Any] = {
             "positions": cfg.positions,
@@ -442,7 +447,7 @@ class LMStep(nn.Module):
                 out.append(torch.from_numpy(c if spec.name == "rope_cos" else s))
             elif spec.name == "cache_mask":
                 out.append(torch.full(spec.shape, NEG))
-            elif spec.name in ("cross_k", "cross_v"):
+            elif spec.name.startswith(("cross_k_", "cross_v_")):
                 out.append(torch.randn(spec.shape) * 0.1)
             else:
                 out.append(spec.zeros())
@@ -460,8 +465,8 @@ class LMStep(nn.Module):
             x = x + sinusoidal_embedding(x_in["position"], lm.inv_freq)  # [1, D]
         else:
             cos, sin = x_in["rope_cos"], x_in["rope_sin"]
-        cache_k, cache_v, cache_mask = x_in["cache_k"], x_in["cache_v"], x_in["cache_mask"]
-        s = cache_k.shape[3]
+        cache_mask = x_in["cache_mask"]
+        s = cache_mask.shape[-1]
         cmask = None
         if cfg.cross_attention:
             cmask = x_in["cross_mask"][:, None, None, :]
@@ -476,13 +481,15 @@ class LMStep(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             new_k.append(k)
             new_v.append(v)
-            s_cache = torch.matmul(q, cache_k[li].transpose(-1, -2)) * scale + cache_mask  # [B, H, 1, S]
+            # K @ q^T: [B, H, S, Dh] @ [B, H, Dh, 1] reads the cache in place (q @ K^T would copy K)
+            s_cache = torch.matmul(x_in[f"cache_k_{li}"], q.transpose(-1, -2)).transpose(-1, -2)
+            s_cache = s_cache * scale + cache_mask  # [B, H, 1, S]
             s_new = (q * k).sum(-1, keepdim=True) * scale  # [B, H, 1, 1]
             p = torch.softmax(torch.cat([s_cache, s_new], dim=-1), dim=-1)
-            o = torch.matmul(p[..., :s], cache_v[li]) + p[..., s:] * v
+            o = torch.matmul(p[..., :s], x_in[f"cache_v_{li}"]) + p[..., s:] * v
             x = x + att.merge(o)
             if cmask is not None:
-                x = layer.cross(x, x_in["cross_k"][li], x_in["cross_v"][li], cmask)
+                x = layer.cross(x, x_in[f"cross_k_{li}"], x_in[f"cross_v_{li}"], cmask)
             x = layer.ffn(x)
         logits = lm.project_logits(x)[:, :, 0]  # [B, K, card]
         return logits, torch.stack(new_k), torch.stack(new_v)
@@ -508,36 +515,32 @@ def ring_step_through(
     """
     cfg = step.lm.cfg
     spec = {s.name: s for s in step.spec.inputs}
-    cache_k = spec["cache_k"].zeros()
-    cache_v = spec["cache_v"].zeros()
+    cache = {n: s.zeros() for n, s in spec.items() if n.startswith(("cache_k_", "cache_v_"))}
     cache_mask = torch.full(spec["cache_mask"].shape, NEG)
-    n_slots = cache_k.shape[3]
+    n_slots = cache_mask.shape[-1]
     outs: list[torch.Tensor] = []
     with torch.no_grad():
         for t in range(codes.shape[-1]):
             pos = start + t
-            feeds: dict[str, torch.Tensor] = {
-                "tokens": codes[:, :, t].contiguous(),
-                "cache_k": cache_k,
-                "cache_v": cache_v,
-                "cache_mask": cache_mask,
-            }
+            feeds: dict[str, torch.Tensor] = {"tokens": codes[:, :, t].contiguous(), "cache_mask": cache_mask, **cache}
             if cfg.positions == "sinusoidal":
                 feeds["position"] = torch.tensor([pos], dtype=torch.int64)
             else:
                 c, s = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
                 feeds["rope_cos"], feeds["rope_sin"] = torch.from_numpy(c), torch.from_numpy(s)
             if cfg.cross_attention:
-                feeds["cross_k"], feeds["cross_v"], feeds["cross_mask"] = cross_k, cross_v, cross_mask
+                for i in range(cfg.layers):
+                    feeds[f"cross_k_{i}"], feeds[f"cross_v_{i}"] = cross_k[i], cross_v[i]
+                feeds["cross_mask"] = cross_mask
             args = [feeds[n] for n in step.spec.input_names]
             logits, nk, nv = run(args) if run is not None else step(*args)
             logits, nk, nv = (torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a for a in (logits, nk, nv))
             slot = pos % n_slots
-            cache_k = cache_k.clone()
-            cache_v = cache_v.clone()
+            cache = {n: c.clone() for n, c in cache.items()}
             cache_mask = cache_mask.clone()
-            cache_k[:, :, :, slot] = nk[:, :, :, 0]
-            cache_v[:, :, :, slot] = nv[:, :, :, 0]
+            for i in range(cfg.layers):
+                cache[f"cache_k_{i}"][:, :, slot] = nk[i, :, :, 0]
+                cache[f"cache_v_{i}"][:, :, slot] = nv[i, :, :, 0]
             cache_mask[0, slot] = 0.0
             outs.append(logits)
     return torch.stack(outs, dim=2)
