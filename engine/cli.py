@@ -44,7 +44,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"codebooks   {cb.count} x {cb.cardinality}, delays {list(cb.delays)}")
     print(
         f"lm          {lm['layers']} layers, dim {lm['dim']}, {lm['heads']} heads, {lm['positions']} positions, "
-        f"context {lm['context']} frames, {lm['quantization']}"
+        f"context {lm['context']} frames, {'int8' if lm['quantization'] == 'int8' else 'fp32'} weights"
     )
     print(
         f"decoder     {p.decoder['frames_per_step']} frame(s) per step, lookahead "

@@ -73,10 +73,9 @@ def random_pack(
                                context=context, overwrite=overwrite)
 
     from export.codec import Codec
-    from export.conditioner import ConditionerGraph, TextEncoder, TextEncoderConfig, WordTokenizer
-    from export.lm import LM, LMStep
-    from export.pack import PackSpec, build_pack, lm_manifest
-    from export.streaming import StreamingDecoder
+    from export.conditioner import TextEncoder, TextEncoderConfig, WordTokenizer
+    from export.lm import LM
+    from export.pack import pack_models
 
     torch.manual_seed(seed)
     ccfg, lcfg, tdims, text_len = own_configs(shape)
@@ -85,33 +84,21 @@ def random_pack(
     codec = Codec(ccfg).eval()
     lm = LM(lcfg).eval()
     text = TextEncoder(TextEncoderConfig(vocab_size=tok.vocab_size, max_len=text_len, **tdims)).eval()
-    ctx = context or (16 if shape == "test" else 500)
-    spec = PackSpec(
-        name=f"{shape}-random",
-        description=f"Random weights, cicada '{shape}' architecture (seed {seed}); for tests and benchmarks",
-        sample_rate=ccfg.sample_rate,
-        channels=ccfg.channels,
-        hop_length=ccfg.hop_length,
-        n_codebooks=lcfg.n_codebooks,
-        cardinality=lcfg.card,
-        delays=list(range(lcfg.n_codebooks)),
-        prompts=prompts,
-        frames_per_step=frames_per_step,
-        context=ctx,
-        text_len=text_len,
-        quantize=quantize,
-        source={"kind": "random", "shape": shape, "seed": seed},
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        tok_file = tok.save(Path(tmp) / "tokenizer.json")
-        return build_pack(
+        return pack_models(
             out,
-            spec,
-            decoder_step=StreamingDecoder(codec, frames_per_step=frames_per_step),
-            lm_step=LMStep(lm, batch=2, context=ctx, text_len=text_len),
-            conditioner=ConditionerGraph(text, lm, text_len=text_len),
-            tokenizer_file=tok_file,
-            lm_meta=lm_manifest(lm),
+            codec=codec,
+            lm=lm,
+            text_encoder=text,
+            tokenizer_file=tok.save(Path(tmp) / "tokenizer.json"),
+            name=f"{shape}-random",
+            description=f"Random weights, cicada '{shape}' architecture (seed {seed}); for tests and benchmarks",
+            prompts=prompts,
+            frames_per_step=frames_per_step,
+            context=context or (16 if shape == "test" else 500),
+            text_len=text_len,
+            quantize=quantize,
+            source={"kind": "random", "shape": shape, "seed": seed},
             overwrite=overwrite,
         )
 

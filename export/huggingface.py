@@ -89,13 +89,10 @@ def convert(
     overwrite: bool = False,
 ) -> packfmt.Pack:
     """Convert ``model_dir`` into a pack at ``out`` and return the loaded pack."""
-    import torch
-
     from export.codec import load_hf_encodec
-    from export.conditioner import ConditionerGraph, T5Wrapper
-    from export.lm import LMStep, load_hf_musicgen_decoder
-    from export.pack import PackSpec, build_pack, lm_manifest
-    from export.streaming import StreamingDecoder
+    from export.conditioner import T5Wrapper
+    from export.lm import load_hf_musicgen_decoder
+    from export.pack import pack_models
 
     model_dir = Path(model_dir)
     model = _load_model(model_dir)
@@ -111,22 +108,19 @@ def convert(
     )
     text = T5Wrapper(model.text_encoder, proj if uses_proj else None)
 
-    lcfg = lm.cfg
-    ccfg = codec.cfg
-    ctx = context or min(1500, lcfg.max_positions)
-    if ctx > lcfg.max_positions:
-        raise ConversionError(f"--context {ctx} exceeds the model's {lcfg.max_positions} positions")
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        tok_file = _tokenizer_json(model_dir, Path(tokenizer) if tokenizer else None, Path(tmp) / "tokenizer.json")
-        spec = PackSpec(
+    max_pos = lm.cfg.max_positions
+    ctx = context or min(1500, max_pos)
+    if ctx > max_pos:
+        raise ConversionError(f"--context {ctx} exceeds the model's {max_pos} positions")
+    with tempfile.TemporaryDirectory() as tmp:
+        return pack_models(
+            out,
+            codec=codec,
+            lm=lm,
+            text_encoder=text,
+            tokenizer_file=_tokenizer_json(model_dir, Path(tokenizer) if tokenizer else None, Path(tmp) / "tokenizer.json"),
             name=f"musicgen-{model_dir.name}",
             description=f"Converted from the Hugging Face MusicGen checkpoint {model_dir.name}",
-            sample_rate=ccfg.sample_rate,
-            channels=ccfg.channels,
-            hop_length=ccfg.hop_length,
-            n_codebooks=lcfg.n_codebooks,
-            cardinality=lcfg.card,
-            delays=list(range(lcfg.n_codebooks)),
             prompts=[],
             frames_per_step=frames_per_step,
             context=ctx,
@@ -137,14 +131,5 @@ def convert(
                 "model": str(model_dir.resolve()),
                 "transformers_version": __import__("transformers").__version__,
             },
-        )
-        return build_pack(
-            out,
-            spec,
-            decoder_step=StreamingDecoder(codec, frames_per_step=frames_per_step),
-            lm_step=LMStep(lm, batch=2, context=ctx, text_len=text_len),
-            conditioner=ConditionerGraph(text, lm, text_len=text_len),
-            tokenizer_file=tok_file,
-            lm_meta=lm_manifest(lm),
             overwrite=overwrite,
         )

@@ -170,3 +170,62 @@ def lm_manifest(lm: nn.Module) -> dict[str, Any]:
     if c.positions == "rotary":
         meta["rope_theta"] = float(c.rope_theta)
     return meta
+
+
+def pack_models(
+    out: str | Path,
+    *,
+    codec: nn.Module,
+    lm: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer_file: str | Path,
+    name: str,
+    description: str,
+    prompts: list[str],
+    frames_per_step: int = 1,
+    context: int = 500,
+    text_len: int = 32,
+    quantize: str = "none",
+    source: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> packfmt.Pack:
+    """Pack a codec (export.codec.Codec), an LM (export.lm.LM) and a text encoder.
+
+    Wraps them in their step graphs (StreamingDecoder, LMStep with batch 2 for
+    guidance, ConditionerGraph) and takes the audio and codebook figures from
+    their configs; delays follow MusicGen's pattern (codebook k waits k frames).
+    """
+    from export.conditioner import ConditionerGraph
+    from export.lm import LMStep
+    from export.streaming import StreamingDecoder
+
+    ccfg, lcfg = codec.cfg, lm.cfg
+    spec = PackSpec(
+        name=name,
+        description=description,
+        sample_rate=ccfg.sample_rate,
+        channels=ccfg.channels,
+        hop_length=ccfg.hop_length,
+        n_codebooks=lcfg.n_codebooks,
+        cardinality=lcfg.card,
+        delays=list(range(lcfg.n_codebooks)),
+        prompts=prompts,
+        frames_per_step=frames_per_step,
+        context=context,
+        text_len=text_len,
+        quantize=quantize,
+        source=source or {},
+        training=training or {},
+    )
+    with torch.no_grad():
+        return build_pack(
+            out,
+            spec,
+            decoder_step=StreamingDecoder(codec, frames_per_step=frames_per_step),
+            lm_step=LMStep(lm, batch=2, context=context, text_len=text_len),
+            conditioner=ConditionerGraph(text_encoder, lm, text_len=text_len),
+            tokenizer_file=tokenizer_file,
+            lm_meta=lm_manifest(lm),
+            overwrite=overwrite,
+        )
