@@ -27,21 +27,7 @@ from typing import Any
 import numpy as np
 
 from engine import pack as packfmt
-
-_NP = {"float32": np.float32, "int64": np.int64}
-
-
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
+from export.onnx import ort_session
 
 def feeds_for(graph: packfmt.GraphInfo, pack: packfmt.Pack, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Plausible inputs: random tokens in range, filled caches, unmasked text."""
@@ -92,9 +78,9 @@ def bench_pack(pack_dir: Path, threads: int, steps: int, label: str) -> list[dic
             quantize_int8(pack.lm.file, q)
         variants.append(("int8", q))
     for kind, path in variants:
-        r = time_steps(session(path, threads), lm_feeds, steps)
+        r = time_steps(ort_session(path, threads), lm_feeds, steps)
         rows.append({"shape": label, "graph": f"LM step (batch 2, context {pack.lm['context']})", "precision": kind, **r})
-    dec = session(pack.decoder.file, threads)
+    dec = ort_session(pack.decoder.file, threads)
     r = time_steps(dec, feeds_for(pack.decoder, pack, rng), steps)
     f = pack.decoder["frames_per_step"]
     rows.append({"shape": label, "graph": f"decoder step ({f} frame{'s' if f > 1 else ''})", "precision": "fp32", **r})
