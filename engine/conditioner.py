@@ -1,0 +1,112 @@
+"""Text -> conditioning: tokenizer + the pack's conditioner graph, once per prompt change.
+
+``Conditioner.encode(text) -> Condition`` with ``cross_k, cross_v [L, H, Tc, Dh]``
+and an additive ``mask [Tc]`` (0 = token, float32 min = padding). These are the
+LM's cross-attention keys and values for the conditioned row; they depend only
+on the text, so they are computed when the prompt changes, never per step.
+
+The empty prompt is the null condition (zeros, fully masked): the stream then
+runs unconditioned. ``blend(a, b, w)`` morphs between two prompts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.lm import NEG, session_options
+from engine.pack import Pack
+
+
+@dataclass(frozen=True)
+class Condition:
+    """The conditioned row of the LM's cross-attention inputs."""
+
+    text: str
+    cross_k: np.ndarray  # [L, H, Tc, Dh] float32
+    cross_v: np.ndarray  # [L, H, Tc, Dh] float32
+    mask: np.ndarray  # [Tc] float32, additive
+    truncated: bool = False  # the text had more tokens than the pack's Tc
+
+
+def blend(a: Condition, b: Condition, weight: float) -> Condition:
+    """Morph ``a`` (weight 0) into ``b`` (weight 1).
+
+    Keys and values are interpolated slot by slot; a padding slot contributes
+    zeros, and a slot is attended if either prompt has a token there. At 0 and 1
+    this is exactly ``a`` or ``b``.
+    """
+    w = float(min(1.0, max(0.0, weight)))
+    if w <= 0.0:
+        return a
+    if w >= 1.0:
+        return b
+    va = (a.mask == 0)[None, None, :, None]
+    vb = (b.mask == 0)[None, None, :, None]
+    k = (1 - w) * np.where(va, a.cross_k, 0) + w * np.where(vb, b.cross_k, 0)
+    v = (1 - w) * np.where(va, a.cross_v, 0) + w * np.where(vb, b.cross_v, 0)
+    mask = np.where((a.mask == 0) | (b.mask == 0), 0.0, NEG).astype(np.float32)
+    return Condition(f"{a.text} ~{w:.2f}~ {b.text}", k.astype(np.float32), v.astype(np.float32), mask)
+
+
+class Conditioner:
+    """Tokenizes a prompt and runs the conditioner graph (thread-safe; keeps a small cache)."""
+
+    def __init__(self, pack: Pack, threads: int = 1, providers: list[str] | None = None, cache: int = 64) -> None:
+        from tokenizers import Tokenizer
+
+        g = pack.conditioner
+        self.pack = pack
+        self.text_len: int = int(g["max_tokens"])
+        self.session = pack.session(g, session_options(threads), providers)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(pack.tokenizer))
+        except Exception as exc:
+            from engine.pack import PackError
+
+            raise PackError(f"{pack.tokenizer}: cannot read the tokenizer ({exc}). Re-export the pack.") from None
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        lm = pack.lm
+        self.shape = (lm["layers"], lm["heads"], self.text_len, lm["head_dim"])
+        self._cache: OrderedDict[str, Condition] = OrderedDict()
+        self._cache_size = cache
+
+    def null(self) -> Condition:
+        z = np.zeros(self.shape, np.float32)
+        return Condition("", z, z.copy(), np.full(self.text_len, NEG, np.float32))
+
+    def tokens(self, text: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``text -> (ids [1, Tc] int64, mask [1, Tc] int64, truncated)``."""
+        ids = self.tokenizer.encode(text).ids
+        truncated = len(ids) > self.text_len
+        ids = ids[: self.text_len]
+        tok = np.zeros((1, self.text_len), np.int64)
+        mask = np.zeros((1, self.text_len), np.int64)
+        tok[0, : len(ids)] = ids
+        mask[0, : len(ids)] = 1
+        return tok, mask, truncated
+
+    def encode(self, text: str) -> Condition:
+        text = text.strip()
+        if not text:
+            return self.null()
+        hit = self._cache.get(text)
+        if hit is not None:
+            self._cache.move_to_end(text)
+            return hit
+        tok, mask, truncated = self.tokens(text)
+        ck, cv = self.session.run(["cross_k", "cross_v"], {"text_tokens": tok, "text_mask": mask})
+        cond = Condition(
+            text,
+            np.ascontiguousarray(ck[:, 0]),
+            np.ascontiguousarray(cv[:, 0]),
+            np.where(mask[0] == 1, 0.0, NEG).astype(np.float32),
+            truncated,
+        )
+        self._cache[text] = cond
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return cond
