@@ -11,10 +11,14 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from engine import pack as packfmt
+
+if TYPE_CHECKING:
+    from engine.app import RunOptions
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -93,6 +97,118 @@ def _cmd_export_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    from engine.app import RunOptions
+
+    return RunOptions(
+        pack=args.pack,
+        preset=args.preset,
+        prompt=args.prompt,
+        seed=args.seed,
+        compute=args.compute,
+        latency_ms=getattr(args, "latency", 60.0),
+        ceiling_db=args.ceiling,
+        device=getattr(args, "device", None),
+        connect=getattr(args, "connect", None),
+        rate=args.rate,
+    )
+
+
+def _app_errors(fn):
+    """Turn AppError into UserError (one line, exit 1)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from engine.app import AppError
+
+        try:
+            return fn(args)
+        except AppError as exc:
+            raise UserError(str(exc)) from None
+
+    return run
+
+
+@_app_errors
+def _cmd_render(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from engine.app import render
+
+    opts = _run_options(args)
+    with Progress(TextColumn("render"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn(),
+                  transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("render", total=args.seconds)
+        summary = render(opts, args.seconds, args.out,
+                         progress=lambda done, total: bar.update(task, completed=args.seconds * done / total))
+    print(f"wrote {args.out}: {args.seconds:g} s at {summary['rate']} Hz in {summary['wall_s']:.1f} s "
+          f"({summary['speed']:.1f}x real time)")
+    return 0
+
+
+@_app_errors
+def _cmd_play(args: argparse.Namespace) -> int:
+    from engine.app import run_live
+
+    opts = _run_options(args)
+    if args.out is not None:
+        return _cmd_render(args) if args.seconds else _fail("--out needs --seconds (how much to render)")
+    fallback = Path("out") / "cicada-play.wav"
+    return run_live(opts, seconds=args.seconds, status_every=10.0,
+                    on_status=lambda line: print(line, flush=True), fallback_file=fallback)
+
+
+def _fail(msg: str) -> int:
+    raise UserError(msg)
+
+
+@_app_errors
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from logging.handlers import RotatingFileHandler
+
+    from engine.app import run_live
+
+    if args.log is not None:
+        try:
+            args.log.parent.mkdir(parents=True, exist_ok=True)
+            handler = RotatingFileHandler(args.log, maxBytes=args.log_max_mb * 2**20, backupCount=args.log_keep)
+        except OSError as exc:
+            raise UserError(f"cannot write the log {args.log}: {exc.strerror}") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    opts = _run_options(args)
+    logging.getLogger("cicada").info("serving %s (latency %g ms)", opts.pack or "the default pack", opts.latency_ms)
+    return run_live(opts, seconds=args.seconds, status_every=args.status_every)
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from engine.audio import AudioError, list_devices
+
+    try:
+        print(list_devices())
+    except AudioError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+@_app_errors
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.app import pack_path
+    from engine.bench import run
+
+    result = run(pack_path(args.pack), steps=args.steps, latency_ms=args.latency, compare=not args.no_compare,
+                 transformers=not args.no_transformers, threads=2)
+    if args.json:
+        print(json.dumps(result, indent=None if args.compact else 2, default=float))
+    else:
+        for k, v in result.items():
+            if k != "reference":
+                print(f"{k:28s} {v:.2f}" if isinstance(v, float) else f"{k:28s} {v}")
+    return 0
+
+
 def _positive(kind: type):
     def parse(text: str):
         try:
@@ -137,6 +253,54 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--shape", default="tiny", help="tiny (our default architecture) or musicgen-small")
     rnd.add_argument("--seed", type=int, default=0)
     rnd.set_defaults(func=_cmd_export_random)
+
+    # ---- running: play / serve / render share the generator options
+    gen = argparse.ArgumentParser(add_help=False)
+    gen.add_argument("--pack", type=Path, default=None, help="pack folder (default: packs/default or $CICADA_PACK)")
+    gen.add_argument("--preset", default="default", help="preset name in presets/ or a .toml path (default: default)")
+    gen.add_argument("--prompt", default=None, help="text prompt (overrides the preset's)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed (same seed, same sound)")
+    gen.add_argument("--compute", choices=["cpu", "cuda", "auto"], default="cpu", help="ONNX Runtime device")
+    gen.add_argument("--ceiling", type=float, default=-1.0, help="limiter ceiling in dBFS (default -1)")
+    gen.add_argument("--rate", type=_positive(int), default=None,
+                     help="output sample rate; resampled from the pack's when different")
+
+    live = argparse.ArgumentParser(add_help=False)
+    live.add_argument("--device", default=None, help="output device: index or part of its name (see `cicada devices`)")
+    live.add_argument("--latency", type=_positive(float), default=60.0,
+                      help="target buffer in ms between generation and the device (default 60)")
+    live.add_argument("--connect", nargs="+", default=None, metavar="PORT",
+                      help="JACK ports to connect to, by name (e.g. system:playback_1 system:playback_2)")
+    live.add_argument("--seconds", type=_positive(float), default=None, help="stop after this long (default: run)")
+
+    p = sub.add_parser("play", parents=[gen, live], help="play the default pack and preset now")
+    p.add_argument("--out", type=Path, default=None, help="render into this WAV/FLAC file instead (needs --seconds)")
+    p.set_defaults(func=_cmd_play)
+
+    p = sub.add_parser("serve", parents=[gen, live], help="run headless for installations (logs, status, watchdog)")
+    p.add_argument("--log", type=Path, default=None, help="log file, rotated (default: stderr only)")
+    p.add_argument("--log-max-mb", type=_positive(int), default=10, help="rotate the log at this size (default 10)")
+    p.add_argument("--log-keep", type=_positive(int), default=5, help="rotated logs to keep (default 5)")
+    p.add_argument("--status-every", type=_positive(float), default=60.0, help="seconds between status lines")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("render", parents=[gen], help="render to a WAV/FLAC file, faster than real time")
+    p.add_argument("--seconds", type=_positive(float), required=True, help="length to render")
+    p.add_argument("--out", type=Path, required=True, help="output file (.wav or .flac)")
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("devices", help="list sound devices and JACK ports")
+    p.set_defaults(func=_cmd_devices)
+
+    p = sub.add_parser("bench", help="time a pack: steps, frames, control latency, memory, reference ratios")
+    p.add_argument("--pack", type=Path, default=None, help="pack folder (default: the default pack)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--compact", action="store_true", help="JSON on one line")
+    p.add_argument("--steps", type=_positive(int), default=300, help="steps to time (default 300)")
+    p.add_argument("--latency", type=_positive(float), default=60.0, help="latency setting for the control test")
+    p.add_argument("--no-compare", action="store_true", help="skip the PyTorch / transformers reference runs")
+    p.add_argument("--no-transformers", action="store_true", help="skip only the transformers reference")
+    p.set_defaults(func=_cmd_bench)
     return ap
 
 

@@ -48,11 +48,16 @@ case "$job" in
     exec .venv/bin/python -m pytest -q "$@"
     ;;
   run)
-    # The engine (cicada play) lands with issue 3; until then the main job
-    # builds a random-weight pack of the default architecture and validates it.
-    out="${CICADA_OUT:-out/packs/tiny-random}"
-    .venv/bin/cicada export random --shape tiny --out "$out" --force "$@"
-    exec .venv/bin/cicada info "$out"
+    # Sound from the default pack and preset. Until a trained pack ships in
+    # packs/default, build a random-weight pack of the default architecture.
+    pack_args=()
+    if [ ! -f packs/default/manifest.toml ] && [ -z "${CICADA_PACK:-}" ]; then
+      out="out/packs/tiny-random"
+      [ -f "$out/manifest.toml" ] || .venv/bin/cicada export random --shape tiny --quantize int8 --out "$out" --force
+      pack_args=(--pack "$out")
+    fi
+    # No sound device: cicada says so and plays into out/cicada-play.wav instead.
+    exec .venv/bin/cicada play "${pack_args[@]}" "$@"
     ;;
   *)
     echo "usage: bash scripts/bootstrap.sh test|run [args...]" >&2

@@ -1,0 +1,292 @@
+"""What `cicada play`, `serve` and `render` share: pack + preset + generator + sink + stream.
+
+The CLI parses; this module opens things in the right order, with the errors
+a user can act on, and runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine import pack as packfmt
+from engine import presets
+from engine.generator import Generator, GeneratorError, GenParams
+from engine.stream import Stream
+
+log = logging.getLogger("cicada")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PACK = REPO / "packs" / "default"
+
+
+class AppError(Exception):
+    """A problem the user can fix; the CLI prints it as one line."""
+
+
+@dataclass
+class RunOptions:
+    pack: Path | None = None
+    preset: str | None = "default"
+    prompt: str | None = None
+    seed: int | None = None
+    compute: str = "cpu"
+    latency_ms: float = 60.0
+    ceiling_db: float = -1.0
+    device: str | None = None
+    connect: list[str] | None = None
+    rate: int | None = None  # output rate (render: resample to it; play: ask the device for it)
+
+
+def pack_path(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    env = os.environ.get("CICADA_PACK")
+    if env:
+        return Path(env)
+    if (DEFAULT_PACK / "manifest.toml").is_file():
+        return DEFAULT_PACK
+    raise AppError(
+        f"no default pack at {DEFAULT_PACK}: pass --pack DIR, set CICADA_PACK, or build one with "
+        "`cicada export random --shape tiny --out packs/default`"
+    )
+
+
+def initial_params(opts: RunOptions) -> tuple[GenParams, int, float]:
+    """(params, seed, gain_db) from the preset, overridden by --prompt / --seed."""
+    gain_db = 0.0
+    seed = 0
+    params = GenParams()
+    if opts.preset:
+        try:
+            pre = presets.load(opts.preset)
+        except presets.PresetError as exc:
+            raise AppError(str(exc)) from None
+        params = pre.gen_params()
+        gain_db = pre.gain_db
+        seed = pre.seed if pre.seed is not None else 0
+    if opts.prompt is not None:
+        params = GenParams(prompt=opts.prompt, sampling=params.sampling)
+    if opts.seed is not None:
+        seed = opts.seed
+    return params, seed, gain_db
+
+
+def open_generator(opts: RunOptions) -> Generator:
+    pack = packfmt.load(pack_path(opts.pack))
+    params, seed, _ = initial_params(opts)
+    try:
+        gen = Generator(pack, seed=seed, params=params, compute=opts.compute)
+    except GeneratorError as exc:
+        raise AppError(str(exc)) from None
+    if pack.prompts and params.prompt and params.prompt not in pack.prompts:
+        log.warning("prompt %r is not one the pack was trained on; expect weak conditioning", params.prompt)
+    if gen.condition.truncated:
+        log.warning("prompt longer than the pack's %d text tokens; the rest is ignored", gen.conditioner.text_len)
+    return gen
+
+
+def make_stream(gen: Generator, sink: Any, opts: RunOptions) -> Stream:
+    _, _, gain_db = initial_params(opts)
+    stream = Stream(gen, sink, latency_ms=opts.latency_ms, ceiling_db=opts.ceiling_db)
+    stream.safety.set_gain_db(gain_db)
+    return stream
+
+
+# --------------------------------------------------------------------------- render
+
+
+def render(opts: RunOptions, seconds: float, out: Path, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Render ``seconds`` into ``out`` (WAV/FLAC) faster than real time; return a summary."""
+    from engine.audio import AudioError, FileSink
+
+    # Check the destination before the (slower) model load: a typo fails at once.
+    manifest = packfmt.load(pack_path(opts.pack), check_graphs=False)
+    rate = opts.rate or manifest.audio.sample_rate
+    sink = FileSink(out, rate, manifest.audio.channels)
+    try:
+        sink.start()
+    except AudioError as exc:
+        raise AppError(str(exc)) from None
+    try:
+        gen = open_generator(opts)
+    except BaseException:
+        _abort(sink)
+        raise
+    stream = make_stream(gen, sink, opts)
+    total = int(round(seconds * rate))
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        stream.render(total, tick)
+        ok = True
+    finally:
+        sink.stop() if ok else _abort(sink)
+    wall = time.perf_counter() - t0
+    return {"samples": total, "rate": rate, "seconds": seconds, "wall_s": wall, "speed": seconds / wall if wall else 0}
+
+
+def _abort(sink: Any) -> None:
+    abort = getattr(sink, "abort", None)
+    (abort or sink.stop)()
+
+
+# --------------------------------------------------------------------------- play / serve
+
+
+def open_device_sink(gen: Generator, opts: RunOptions) -> Any:
+    from engine.audio import AudioError, DeviceSink
+
+    sink = DeviceSink(
+        opts.device,
+        gen.channels,
+        opts.rate or gen.sample_rate,
+        opts.latency_ms,
+        jack_connect=opts.connect,
+    )
+    try:
+        sink.start()
+    except AudioError as exc:
+        raise AppError(str(exc)) from None
+    return sink
+
+
+class Watchdog:
+    """systemd notify protocol (READY, WATCHDOG, STATUS) over $NOTIFY_SOCKET; no-op without it."""
+
+    def __init__(self) -> None:
+        self.addr = os.environ.get("NOTIFY_SOCKET")
+        usec = os.environ.get("WATCHDOG_USEC")
+        self.interval = int(usec) / 2e6 if usec and usec.isdigit() else None
+        self.sock = None
+        if self.addr:
+            if self.addr.startswith("@"):
+                self.addr = "\0" + self.addr[1:]
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def notify(self, msg: str) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto(msg.encode(), self.addr)
+        except OSError as exc:
+            log.debug("sd_notify failed: %s", exc)
+
+
+def status_line(stream: Stream) -> str:
+    s = stream.stats()
+    frame_s = stream.gen.block_samples / stream.gen.sample_rate
+    rtf = max(s["lm_ms_p50"], s["decode_ms_p50"]) / 1000.0 / (frame_s / stream.gen.block_frames)
+    return (
+        f"steps {s['steps']}  lm {s['lm_ms_p50']:.1f}/{s['lm_ms_p99']:.1f} ms  "
+        f"dec {s['decode_ms_p50']:.1f}/{s['decode_ms_p99']:.1f} ms  rtf {rtf:.2f}  "
+        f"underruns {s.get('sink_underruns', 0)}  outages {s.get('sink_outages', 0)}  "
+        f"nan {s['nonfinite_blocks']}  limiter {s['gain_reduction_db']:.1f} dB"
+    )
+
+
+def run_live(
+    opts: RunOptions,
+    *,
+    seconds: float | None = None,
+    status_every: float = 60.0,
+    on_status: Callable[[str], None] | None = None,
+    fallback_file: Path | None = None,
+) -> int:
+    """Play until SIGINT/SIGTERM (or ``seconds``): the engine of `play` and `serve`."""
+    from engine.audio import AudioError, DeviceSink, FileSink
+
+    t_start = time.monotonic()
+    gen_box: dict[str, Generator] = {}
+    # Load the pack while the audio process starts: both take a moment.
+    err: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            gen_box["gen"] = open_generator(opts)
+        except BaseException as exc:
+            err.append(exc)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
+    sink: Any = DeviceSink(opts.device, pack.audio.channels, opts.rate or pack.audio.sample_rate, opts.latency_ms,
+                           jack_connect=opts.connect)
+    try:
+        sink.start()
+    except AudioError as exc:
+        if fallback_file is None or not getattr(exc, "no_device", False):
+            loader.join()
+            raise AppError(str(exc)) from None
+        log.warning("%s", exc)
+        print(f"cicada: {exc}\ncicada: no sound device, so playing into {fallback_file} instead")
+        sink = FileSink(fallback_file, pack.audio.sample_rate, pack.audio.channels)
+        sink.start()
+        if seconds is None:
+            seconds = 30.0
+    loader.join()
+    if err:
+        sink.stop(fade=False)
+        if isinstance(err[0], (AppError, packfmt.PackError)):
+            raise err[0]
+        raise AppError(f"cannot open the pack: {err[0]}")
+    gen = gen_box["gen"]
+    stream = make_stream(gen, sink, opts)
+    lat = stream.latency_report
+    log.info("latency: %s", ", ".join(f"{k} {v:.1f}" for k, v in lat.items()))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    wd = Watchdog()
+    stream.start()
+    wd.notify("READY=1")
+    next_status = time.monotonic() + status_every
+    last_steps = -1
+    reported_first = False
+    try:
+        while not stop.is_set():
+            stop.wait(0.25 if wd.interval is None else min(0.25, wd.interval))
+            if stream.error is not None:
+                raise AppError(f"generation failed: {stream.error}")
+            if stream.first_sound_at is not None and not reported_first:
+                reported_first = True
+                log.info("first sound %.2f s after start", stream.first_sound_at - t_start)
+            # Only tell systemd we're alive if generation is actually moving.
+            if gen.steps != last_steps:
+                wd.notify("WATCHDOG=1")
+                last_steps = gen.steps
+            now = time.monotonic()
+            if now >= next_status:
+                line = status_line(stream)
+                wd.notify("STATUS=" + line)
+                (on_status or log.info)(line)
+                next_status = now + status_every
+            if seconds is not None and stream.written_samples >= seconds * sink.rate:
+                break
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        stream.panic()
+        time.sleep(0.06)
+        stream.stop()
+        sink.stop(fade=True)
+    return 0

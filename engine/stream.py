@@ -1,0 +1,349 @@
+"""The running engine: a Generator on two pipelined workers, feeding a sink.
+
+::
+
+    control (any thread) ── set_params ──> Generator (snapshot read once per step)
+
+    LM worker:      waits until the sink needs audio, then
+                    gen.next_codes() ──> codes [K, F] ──┐   (queue of 2 blocks)
+                                                        v
+    decode worker:  gen.decode ──> pcm [C, F*hop] ──> finite? ──> resample (soxr) ──>
+                    OutputSafety (DC, gain, limiter, panic) ──> sink.write([N, C])
+
+The LM for block n+1 runs while the decoder renders block n: with one ONNX
+Runtime thread each, two cores do both (pipelining beats two intra-op threads
+one after the other). The LM worker runs only while
+``sink.queued() + blocks in flight < latency target``, so parameters are read
+as late as possible and the control latency stays at about
+``latency + delay pattern + one block``.
+
+A block that comes out of the decoder with NaN or Inf is replaced by silence,
+counted, and the generator is reset (fresh context, same prompt): the stream
+goes on. Render (a FileSink, which never has anything queued) runs the same
+path flat out, so a render equals a playback of the same seed sample for sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine.generator import Generator, GenParams
+from engine.post import OutputSafety
+
+log = logging.getLogger("cicada.stream")
+
+
+class Sink(Protocol):
+    rate: int
+    channels: int
+
+    def start(self) -> None: ...
+    def queued(self) -> int: ...
+    def write(self, block: np.ndarray) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+    def stop(self, fade: bool = True) -> None: ...
+
+
+class _Timings:
+    """Fixed-size ring of durations in ms (no allocation per entry)."""
+
+    def __init__(self, size: int = 3000) -> None:
+        self.buf = np.zeros(size, np.float64)
+        self.n = 0
+
+    def add(self, ms: float) -> None:
+        self.buf[self.n % self.buf.size] = ms
+        self.n += 1
+
+    def values(self) -> np.ndarray:
+        return self.buf[: min(self.n, self.buf.size)].copy()
+
+    def pct(self, q: float) -> float:
+        v = self.values()
+        return float(np.percentile(v, q)) if v.size else float("nan")
+
+
+@dataclass
+class WrittenBlock:
+    """Where a block landed in the sink stream, and the parameter version it reflects."""
+
+    start_sample: int
+    version: int
+
+
+class Resampler:
+    """Streaming sample-rate conversion ``[N, C]`` with soxr; identity when rates match."""
+
+    def __init__(self, in_rate: int, out_rate: int, channels: int) -> None:
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self._rs = None
+        if in_rate != out_rate:
+            import soxr
+
+            self._rs = soxr.ResampleStream(in_rate, out_rate, channels, dtype="float32", quality="HQ")
+
+    @property
+    def active(self) -> bool:
+        return self._rs is not None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._rs is None:
+            return x
+        return self._rs.resample_chunk(np.ascontiguousarray(x))
+
+
+class Stream:
+    """Runs a Generator into a Sink with a latency target, pipelined, until stopped."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        sink: Sink,
+        *,
+        latency_ms: float = 60.0,
+        ceiling_db: float = -1.0,
+        pipelined: bool = True,
+        on_block: Callable[[int], None] | None = None,
+    ) -> None:
+        if not latency_ms > 0:
+            raise ValueError(f"latency must be > 0 ms, got {latency_ms}")
+        self.gen = generator
+        self.sink = sink
+        self.latency_ms = float(latency_ms)
+        self.ceiling_db = ceiling_db
+        self.pipelined = pipelined
+        self.on_block = on_block
+        self._q: queue.Queue[tuple[np.ndarray, int] | None] = queue.Queue(maxsize=2)
+        self._running = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._produced = 0  # blocks the LM worker has made (written by it only)
+        self._consumed = 0  # blocks the decode worker has finished (written by it only)
+        self.limit_samples: int | None = None  # stop after this many samples (render)
+        self._reset_lm = threading.Event()
+        self.error: BaseException | None = None
+        self.lm_ms = _Timings()
+        self.decode_ms = _Timings()
+        self.post_ms = _Timings()
+        self.blocks = 0
+        self.written_samples = 0  # at the sink rate
+        self.nonfinite_blocks = 0
+        self.last_written = WrittenBlock(0, 0)
+        self.started_at = 0.0
+        self.first_sound_at: float | None = None
+        self._configure()
+
+    def _configure(self) -> None:
+        rate = int(self.sink.rate)
+        self.resampler = Resampler(self.gen.sample_rate, rate, self.gen.channels)
+        self.safety = OutputSafety(rate, self.gen.channels, ceiling_db=self.ceiling_db)
+        self.target_samples = max(1, int(round(self.latency_ms * rate / 1000.0)))
+        self.block_out_samples = self.gen.block_samples * rate / self.gen.sample_rate
+
+    # ------------------------------------------------------------------ latency
+
+    @property
+    def latency_report(self) -> dict[str, float]:
+        """Each stage's latency in ms, and the total from a parameter change to the sound."""
+        rate = self.sink.rate
+        gen_ms = 1000.0 * self.gen.latency_samples / self.gen.sample_rate
+        post_ms = 1000.0 * self.safety.latency_samples / rate
+        block_ms = 1000.0 * self.gen.block_samples / self.gen.sample_rate
+        return {
+            "generator_ms": gen_ms,  # delay pattern + block assembly + decoder lookahead
+            "block_ms": block_ms,
+            "post_ms": post_ms,
+            "buffer_ms": self.latency_ms,
+            "total_ms": gen_ms + block_ms + post_ms + self.latency_ms,
+        }
+
+    # ------------------------------------------------------------------ control
+
+    def set_params(self, params: GenParams) -> None:
+        self.gen.set_params(params)
+
+    def panic(self) -> None:
+        """Fade everything to silence within 50 ms (also what is already queued in a device sink)."""
+        self.safety.panic()
+        panic = getattr(self.sink, "panic", None)
+        if panic is not None:
+            panic()
+
+    def resume(self) -> None:
+        resume = getattr(self.sink, "resume", None)
+        if resume is not None:
+            resume()
+        self.safety.resume()
+
+    # ------------------------------------------------------------------ run
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self._running.set()
+        if self.pipelined:
+            self._threads = [
+                threading.Thread(target=self._guard(self._lm_worker), name="cicada-lm", daemon=True),
+                threading.Thread(target=self._guard(self._decode_worker), name="cicada-decode", daemon=True),
+            ]
+        else:
+            self._threads = [threading.Thread(target=self._guard(self._serial_worker), name="cicada-gen", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._running.clear()
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        self._q.put(None) if not self._q.full() else None
+        for t in self._threads:
+            t.join(timeout=5.0)
+        self._threads = []
+
+    @property
+    def running(self) -> bool:
+        return self._running.is_set() and all(t.is_alive() for t in self._threads)
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # a worker must never die silently
+                self.error = exc
+                log.exception("generation stopped: %s", exc)
+                self._running.clear()
+
+        return run
+
+    def _wait_for_room(self) -> bool:
+        """Block until the sink wants another block (queued + in flight below target)."""
+        while self._running.is_set():
+            ahead = self.sink.queued() + (self._produced - self._consumed) * self.block_out_samples
+            excess = ahead - self.target_samples
+            if excess < 0:
+                return True
+            time.sleep(min(0.005, max(0.0005, excess / self.sink.rate)))
+        return False
+
+    def _lm_worker(self) -> None:
+        gen = self.gen
+        while self._wait_for_room():
+            if self._reset_lm.is_set():
+                self._reset_lm.clear()
+                gen.reset_context()
+            t0 = time.perf_counter()
+            codes = gen.next_codes().copy()
+            self.lm_ms.add((time.perf_counter() - t0) * 1000.0 / gen.block_frames)
+            self._produced += 1
+            item = (codes, gen.block_version)
+            while self._running.is_set():
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def _decode_worker(self) -> None:
+        while self._running.is_set():
+            try:
+                item = self._q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            codes, version = item
+            self._emit(codes, version)
+            self._consumed += 1
+
+    def _serial_worker(self) -> None:
+        gen = self.gen
+        while self._wait_for_room():
+            if self._reset_lm.is_set():
+                self._reset_lm.clear()
+                gen.reset_context()
+            t0 = time.perf_counter()
+            codes = gen.next_codes()
+            self.lm_ms.add((time.perf_counter() - t0) * 1000.0 / gen.block_frames)
+            self._emit(codes, gen.block_version)
+
+    def _emit(self, codes: np.ndarray, version: int) -> None:
+        """Decode one block, make it safe, hand it to the sink."""
+        t0 = time.perf_counter()
+        pcm = self.gen.decode(codes)
+        t1 = time.perf_counter()
+        self.decode_ms.add((t1 - t0) * 1000.0 / self.gen.block_frames)
+        if not np.isfinite(pcm).all():
+            # Never let NaN/Inf into the resampler or the speakers; start a fresh stream.
+            self.nonfinite_blocks += 1
+            log.warning("the model produced NaN/Inf; resetting the generator (%d so far)", self.nonfinite_blocks)
+            self.gen.decoder.reset()
+            self._reset_lm.set()  # the LM worker resets the context before its next step
+            pcm = np.zeros_like(pcm)
+        y = self.resampler(pcm.T)
+        if self.limit_samples is not None:
+            y = y[: max(0, self.limit_samples - self.written_samples)]
+        if y.shape[0]:
+            out = self.safety.process(np.ascontiguousarray(y.T))
+            block = np.ascontiguousarray(out.T)
+            self.post_ms.add((time.perf_counter() - t1) * 1000.0)
+            self.last_written = WrittenBlock(self.written_samples, version)
+            self.sink.write(block)
+            self.written_samples += block.shape[0]
+            if self.first_sound_at is None and np.any(block):
+                self.first_sound_at = time.monotonic()
+        self.blocks += 1
+        if self.limit_samples is not None and self.written_samples >= self.limit_samples:
+            self._running.clear()
+        if self.on_block is not None:
+            self.on_block(self.blocks)
+
+    # ------------------------------------------------------------------ offline
+
+    def render(self, samples: int, progress: Callable[[int], None] | None = None) -> int:
+        """Run until ``samples`` (at the sink rate) have been written; return the count written."""
+        self.limit_samples = int(samples)
+        self.start()
+        try:
+            last = 0
+            while self.written_samples < samples:
+                if self.error is not None:
+                    raise self.error
+                if not self._running.is_set():
+                    break
+                time.sleep(0.005)
+                if progress is not None and self.written_samples != last:
+                    progress(min(self.written_samples, samples) - last)
+                    last = min(self.written_samples, samples)
+        finally:
+            self.stop()
+        if self.error is not None:
+            raise self.error
+        return self.written_samples
+
+    # ------------------------------------------------------------------ status
+
+    def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = {
+            "blocks": self.blocks,
+            "steps": self.gen.steps,
+            "lm_ms_p50": self.lm_ms.pct(50),
+            "lm_ms_p99": self.lm_ms.pct(99),
+            "decode_ms_p50": self.decode_ms.pct(50),
+            "decode_ms_p99": self.decode_ms.pct(99),
+            "nonfinite_blocks": self.nonfinite_blocks,
+            "resets": self.gen.resets,
+            "reprimes": self.gen.lm.reprimes,
+            "gain_reduction_db": getattr(self.safety, "gain_reduction_db", 0.0),
+            "prompt": self.gen.condition.text,
+        }
+        s.update({f"sink_{k}": v for k, v in self.sink.stats().items()})
+        return s
