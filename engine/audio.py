@@ -766,6 +766,28 @@ class _RingSink:
             time.sleep(min(0.010, max(0.001, wait), max(0.0, deadline - now)))
 
 
+    def panic(self) -> None:
+        """Fade what is playing to silence (10 ms, from the next callback) and hold silence until ``resume``.
+
+        The audio already queued in the ring is faded too: this is what makes a panic land within 50 ms
+        whatever the latency setting. Safe from any thread.
+        """
+        ring = self._ring
+        if ring is not None and not ring.closed and ring.stop_request == 0:
+            ring.stop_request = 1
+
+    def resume(self) -> None:
+        """Leave a panic: drop the stale queued audio, then play what is written from now on."""
+        ring = self._ring
+        if ring is None or ring.closed or ring.stop_request == 0:
+            return
+        deadline = time.monotonic() + 0.1
+        while ring.stop_request == 1 and time.monotonic() < deadline:  # let the fade finish
+            time.sleep(0.002)
+        ring.discard()
+        ring.stop_request = 0
+
+
 @dataclass
 class _Child:
     process: BaseProcess

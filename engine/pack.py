@@ -22,9 +22,10 @@ import math
 import os
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.toml"

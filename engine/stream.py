@@ -31,25 +31,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from engine.audio import Sink
 from engine.generator import Generator, GenParams
 from engine.post import OutputSafety
 
 log = logging.getLogger("cicada.stream")
-
-
-class Sink(Protocol):
-    rate: int
-    channels: int
-
-    def start(self) -> None: ...
-    def queued(self) -> int: ...
-    def write(self, block: np.ndarray) -> None: ...
-    def stats(self) -> dict[str, Any]: ...
-    def stop(self, fade: bool = True) -> None: ...
 
 
 class _Timings:
@@ -137,13 +127,21 @@ class Stream:
         self.nonfinite_blocks = 0
         self.last_written = WrittenBlock(0, 0)
         self.started_at = 0.0
+        self._primed = False  # the first target's worth of audio has been handed to the sink
+        self._held: list[np.ndarray] = []
         self.first_sound_at: float | None = None
         self._configure()
 
     def _configure(self) -> None:
+        """Set up the stages that depend on the sink's rate (again when a device comes back at another rate)."""
         rate = int(self.sink.rate)
+        old = getattr(self, "safety", None)
         self.resampler = Resampler(self.gen.sample_rate, rate, self.gen.channels)
         self.safety = OutputSafety(rate, self.gen.channels, ceiling_db=self.ceiling_db)
+        if old is not None:  # keep what the user set: gain, and a panic in force
+            self.safety.set_gain_db(old.gain_db)
+            if old.is_panicking:
+                self.safety.panic()
         self.target_samples = max(1, int(round(self.latency_ms * rate / 1000.0)))
         self.block_out_samples = self.gen.block_samples * rate / self.gen.sample_rate
 
@@ -277,6 +275,9 @@ class Stream:
 
     def _emit(self, codes: np.ndarray, version: int) -> None:
         """Decode one block, make it safe, hand it to the sink."""
+        if int(self.sink.rate) != self.resampler.out_rate:
+            log.info("output rate changed to %d Hz; resampling to it", self.sink.rate)
+            self._configure()
         t0 = time.perf_counter()
         pcm = self.gen.decode(codes)
         t1 = time.perf_counter()
@@ -296,7 +297,7 @@ class Stream:
             block = np.ascontiguousarray(out.T)
             self.post_ms.add((time.perf_counter() - t1) * 1000.0)
             self.last_written = WrittenBlock(self.written_samples, version)
-            self.sink.write(block)
+            self._write(block)
             self.written_samples += block.shape[0]
             if self.first_sound_at is None and np.any(block):
                 self.first_sound_at = time.monotonic()
@@ -305,6 +306,22 @@ class Stream:
             self._running.clear()
         if self.on_block is not None:
             self.on_block(self.blocks)
+
+    def _write(self, block: np.ndarray) -> None:
+        """Hand a block to the sink; hold back the very first ones until the latency target is reached.
+
+        A device starts playing as soon as anything is queued; starting with a full buffer means the first
+        slow steps (caches warming up) cannot cause an underrun.
+        """
+        if self._primed or self.sink.queued() + block.shape[0] >= self.target_samples and not self._held:
+            self.sink.write(block)
+            self._primed = True
+            return
+        self._held.append(block)
+        if sum(b.shape[0] for b in self._held) >= self.target_samples or self.limit_samples is not None:
+            self.sink.write(np.concatenate(self._held))
+            self._held.clear()
+            self._primed = True
 
     # ------------------------------------------------------------------ offline
 

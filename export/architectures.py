@@ -38,7 +38,7 @@ def own_configs(shape: str):
 
     if shape == "test":
         codec = CodecConfig(
-            sample_rate=8000, channels=2, n_filters=4, ratios=[4, 4], dimension=16,
+            sample_rate=8000, channels=2, n_filters=4, ratios=[8, 5, 4], dimension=16,
             lstm_layers=1, causal=True, pad_mode="constant", conv_shortcut=False,
             n_codebooks=2, codebook_size=32,
         )

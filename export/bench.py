@@ -29,6 +29,7 @@ import numpy as np
 from engine import pack as packfmt
 from export.onnx import ort_session
 
+
 def feeds_for(graph: packfmt.GraphInfo, pack: packfmt.Pack, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Plausible inputs: random tokens in range, filled caches, unmasked text."""
     feeds: dict[str, np.ndarray] = {}

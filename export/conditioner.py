@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ class WordTokenizer:
         self.length: int = int(pad["length"])
 
     @classmethod
-    def build(cls, prompts: Iterable[str], length: int = 32) -> "WordTokenizer":
+    def build(cls, prompts: Iterable[str], length: int = 32) -> WordTokenizer:
         """Vocabulary from ``prompts``; encodings are ``length`` tokens long."""
         if length < 2:
             raise ValueError(f"length must be >= 2 (a word and </s>), got {length}")
@@ -120,7 +120,7 @@ class WordTokenizer:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "WordTokenizer":
+    def load(cls, path: str | os.PathLike) -> WordTokenizer:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_file(str(path)))
@@ -204,7 +204,7 @@ class T5Wrapper(nn.Module):
         self.proj = proj
 
     @classmethod
-    def from_musicgen(cls, model: nn.Module) -> "T5Wrapper":
+    def from_musicgen(cls, model: nn.Module) -> T5Wrapper:
         """From a ``MusicgenForConditionalGeneration`` (``enc_to_dec_proj`` exists
         exactly when transformers applies it)."""
         return cls(model.text_encoder, getattr(model, "enc_to_dec_proj", None))

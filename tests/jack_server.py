@@ -269,3 +269,23 @@ class Recorder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def first_sound(recording: np.ndarray) -> int:
+    nonzero = np.flatnonzero(np.abs(recording[:, 0]) > 0)
+    assert nonzero.size, "the recorder heard nothing"
+    return int(nonzero[0])
+
+
+def recorder_hears(recorder: Recorder, seconds: float, timeout: float, rate: int = 48000) -> np.ndarray:
+    """Collect until ``seconds`` of non-silent audio arrived (or ``timeout``); return the non-silent part."""
+    chunks = []
+    deadline = time.monotonic() + timeout
+    loud = 0
+    while time.monotonic() < deadline and loud < seconds * rate:
+        time.sleep(0.05)
+        got = recorder.take()
+        chunks.append(got)
+        loud += int(np.count_nonzero(np.abs(got[:, 0]) > 0))
+    recording = np.concatenate(chunks) if chunks else np.zeros((0, 2), np.float32)
+    return recording[np.abs(recording[:, 0]) > 0]

@@ -22,7 +22,7 @@ import soundfile
 
 from engine.audio import AudioError, DeviceSink, FileSink, NullSink, Sink, _Player, list_devices
 from engine.ring import Ring
-from tests.jack_server import JackServer, Recorder, jack_server, jackd_available
+from tests.jack_server import JackServer, Recorder, first_sound, jackd_available, recorder_hears
 
 ROOT = Path(__file__).resolve().parents[2]
 RATE = 48000
@@ -220,26 +220,6 @@ def test_file_sink_failure_leaves_nothing_and_keeps_old_file(tmp_path: Path) -> 
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def server() -> Iterator[JackServer]:
-    """A private JACK dummy server in the default (asynchronous) mode, as users run it."""
-    if not jackd_available():
-        pytest.skip("needs jackd and the JACK-Client package")
-    with jack_server(rate=RATE, period=256, sync=False) as srv:
-        yield srv
-
-
-@pytest.fixture
-def sync_server() -> Iterator[JackServer]:
-    """A server in synchronous mode (jackd -S): each cycle waits for every client, so on a busy test machine
-    the recorder never misses a cycle and a comparison can be sample-exact. (A client that dies without closing
-    stalls such a server for seconds, so the tests that kill things use the asynchronous one.)"""
-    if not jackd_available():
-        pytest.skip("needs jackd and the JACK-Client package")
-    with jack_server(rate=RATE, period=256, sync=True) as srv:
-        yield srv
-
-
 def play(sink: DeviceSink, source: np.ndarray, target_s: float = 0.06, chunk: int = 960) -> None:
     """Producer loop: write ``source`` in chunks, keeping ``queued()`` near ``target_s``."""
     target = int(target_s * sink.rate)
@@ -250,12 +230,6 @@ def play(sink: DeviceSink, source: np.ndarray, target_s: float = 0.06, chunk: in
             pos += chunk
         else:
             time.sleep(0.002)
-
-
-def first_sound(recording: np.ndarray) -> int:
-    nonzero = np.flatnonzero(np.abs(recording[:, 0]) > 0)
-    assert nonzero.size, "the recorder heard nothing"
-    return int(nonzero[0])
 
 
 @needs_jack
@@ -346,20 +320,6 @@ def test_list_devices_with_and_without_server(server: JackServer) -> None:
         with pytest.raises(AudioError, match=r"no sound device found: use --out FILE .*jackd -d dummy") as info:
             sink.start()
         assert info.value.no_device is True
-
-
-def recorder_hears(recorder: Recorder, seconds: float, timeout: float) -> np.ndarray:
-    """Collect until ``seconds`` of non-silent audio arrived (or ``timeout``); return the non-silent part."""
-    chunks = []
-    deadline = time.monotonic() + timeout
-    loud = 0
-    while time.monotonic() < deadline and loud < seconds * RATE:
-        time.sleep(0.05)
-        got = recorder.take()
-        chunks.append(got)
-        loud += int(np.count_nonzero(np.abs(got[:, 0]) > 0))
-    recording = np.concatenate(chunks) if chunks else np.zeros((0, 2), np.float32)
-    return recording[np.abs(recording[:, 0]) > 0]
 
 
 class Producer(threading.Thread):

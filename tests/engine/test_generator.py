@@ -10,7 +10,7 @@ import pytest
 
 from engine import pack as packfmt
 from engine.conditioner import blend
-from engine.generator import GeneratorError, GenParams, Generator
+from engine.generator import Generator, GeneratorError, GenParams
 from engine.sampling import SamplingParams
 from engine.stream import Stream
 

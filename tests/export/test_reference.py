@@ -56,9 +56,9 @@ def check_result(res: dict, transformers: bool = True) -> None:
     else:
         assert positive(tf) and positive(res["transformers_frame_ms"])
         assert isinstance(res["transformers_version"], str) and res["transformers_version"]
-        # 0.2 s at 500 frames/s: 100 frames of 16 samples
+        # 0.2 s at 50 frames/s: 10 frames (plus the delay pattern)
         assert res["transformers_audio_seconds"] == pytest.approx(0.2)
-        assert res["transformers_lm_steps"] >= 100
+        assert res["transformers_lm_steps"] >= 10
 
 
 def test_measure(pack_dir: Path) -> None:
