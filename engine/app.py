@@ -28,6 +28,19 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PACK = REPO / "packs" / "default"
 
 
+_IMPORTED = time.monotonic()
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc), or since this module was imported."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
 class AppError(Exception):
     """A problem the user can fix; the CLI prints it as one line."""
 
@@ -81,7 +94,9 @@ def initial_params(opts: RunOptions) -> tuple[GenParams, int, float]:
 
 
 def open_generator(opts: RunOptions) -> Generator:
-    pack = packfmt.load(pack_path(opts.pack))
+    # The graphs' inputs and outputs are checked against the manifest as their sessions open
+    # (engine.pack.check_session), so the manifest-only load here saves parsing every graph twice.
+    pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
     params, seed, _ = initial_params(opts)
     try:
         gen = Generator(pack, seed=seed, params=params, compute=opts.compute)
@@ -212,13 +227,15 @@ def run_live(
     """Play until SIGINT/SIGTERM (or ``seconds``): the engine of `play` and `serve`."""
     from engine.audio import AudioError, DeviceSink, FileSink
 
-    t_start = time.monotonic()
     gen_box: dict[str, Generator] = {}
     # Load the pack while the audio process starts: both take a moment.
     err: list[BaseException] = []
 
     def load() -> None:
         try:
+            from engine.post import OutputSafety
+
+            OutputSafety(48000, 2)  # loads the compiled DSP (numba cache) while the rest starts
             gen_box["gen"] = open_generator(opts)
         except BaseException as exc:
             err.append(exc)
@@ -269,7 +286,8 @@ def run_live(
                 raise AppError(f"generation failed: {stream.error}")
             if stream.first_sound_at is not None and not reported_first:
                 reported_first = True
-                log.info("first sound %.2f s after start", stream.first_sound_at - t_start)
+                log.info("first sound %.2f s after the process started",
+                         process_age() - (time.monotonic() - stream.first_sound_at))
             # Only tell systemd we're alive if generation is actually moving.
             if gen.steps != last_steps:
                 wd.notify("WATCHDOG=1")

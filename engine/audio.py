@@ -766,6 +766,11 @@ class _RingSink:
             time.sleep(min(0.010, max(0.001, wait), max(0.0, deadline - now)))
 
 
+    def consumed(self) -> int:
+        """Samples taken out of the ring so far (written audio only; silence before the first block not counted)."""
+        ring = self._ring
+        return 0 if ring is None or ring.closed else ring.read_index
+
     def panic(self) -> None:
         """Fade what is playing to silence (10 ms, from the next callback) and hold silence until ``resume``.
 

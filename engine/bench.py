@@ -148,7 +148,7 @@ def control_latency(pack: packfmt.Pack, latency_ms: float, changes: int, prompts
             while time.perf_counter() < deadline:
                 with lock:
                     start = next((s for v, s in marks if v >= params.version), None)
-                if start is not None and sink.stats()["played_samples"] > start:
+                if start is not None and sink.consumed() > start:
                     lat.append((time.perf_counter() - t0) * 1000.0)
                     break
                 time.sleep(0.0005)

@@ -112,7 +112,7 @@ class Pack:
         import onnxruntime as ort
 
         try:
-            return ort.InferenceSession(
+            session = ort.InferenceSession(
                 str(graph.file), options, providers=providers or ["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises several unrelated types
@@ -120,6 +120,8 @@ class Pack:
                 f"{graph.file}: ONNX Runtime cannot load this graph ({_first_line(exc)}). "
                 "Re-export the pack with `cicada export`."
             ) from None
+        check_session(graph, session)
+        return session
 
 
 # key -> (type check, description). Nested tables are dicts of the same.
@@ -406,15 +408,42 @@ def _check_graph_file(g: GraphInfo, problems: _Problems) -> None:
     if not model.graph.node:
         problems.add(f"{g.file.name}: the ONNX file holds no graph (empty or truncated); re-export the pack")
         return
-    for kind, declared, actual in (
-        ("input", g.inputs, model.graph.input),
-        ("output", g.outputs, model.graph.output),
-    ):
+    def io(values: Any) -> dict[str, tuple[tuple, str]]:
         got: dict[str, tuple[tuple, str]] = {}
-        for vi in actual:
+        for vi in values:
             tt = vi.type.tensor_type
             dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in tt.shape.dim)
             got[vi.name] = (dims, _ONNX_TYPES.get(tt.elem_type, f"onnx type {tt.elem_type}"))
+        return got
+
+    _compare_io(g, io(model.graph.input), io(model.graph.output), problems)
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16",
+              "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def check_session(g: GraphInfo, session: Any) -> None:
+    """Compare an ONNX Runtime session's inputs/outputs with the manifest; raise PackError on a mismatch.
+
+    The same check as :func:`load` with ``check_graphs``, from the session ORT built anyway (no second parse).
+    """
+
+    def io(values: Any) -> dict[str, tuple[tuple, str]]:
+        return {
+            v.name: (tuple(d if isinstance(d, int) else (d or "?") for d in v.shape), _ORT_TYPES.get(v.type, v.type))
+            for v in values
+        }
+
+    problems = _Problems(g.file.parent)
+    _compare_io(g, io(session.get_inputs()), io(session.get_outputs()), problems)
+    problems.raise_if_any()
+
+
+def _compare_io(
+    g: GraphInfo, inputs: dict[str, tuple[tuple, str]], outputs: dict[str, tuple[tuple, str]], problems: _Problems
+) -> None:
+    for kind, declared, got in (("input", g.inputs, inputs), ("output", g.outputs, outputs)):
         want = {t.name: t for t in declared}
         for name, t in want.items():
             if name not in got:

@@ -159,6 +159,7 @@ class Stream:
             "block_ms": block_ms,
             "post_ms": post_ms,
             "buffer_ms": self.latency_ms,
+            # worst case: a change lands just after a step began, and the buffer is full
             "total_ms": gen_ms + block_ms + post_ms + self.latency_ms,
         }
 

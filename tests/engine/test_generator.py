@@ -170,3 +170,13 @@ def test_nan_from_the_model_is_silenced_counted_and_recovered(pack: packfmt.Pack
     assert stream.nonfinite_blocks == 1
     assert gen.resets == 1
     assert np.abs(out[-10 * gen.block_samples :]).max() > 0  # sound came back
+
+
+def test_sessions_are_checked_against_the_manifest(pack_copy: Path) -> None:
+    """The engine loads manifests without parsing graphs; opening a session still refuses a mismatch."""
+    import shutil
+
+    shutil.copy(pack_copy / "conditioner.onnx", pack_copy / "lm.onnx")  # a valid graph, the wrong one
+    p = packfmt.load(pack_copy, check_graphs=False)
+    with pytest.raises(packfmt.PackError, match="lm.onnx: the manifest declares input 'tokens'"):
+        Generator(p)
