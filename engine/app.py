@@ -20,7 +20,7 @@ from typing import Any
 from engine import pack as packfmt
 from engine import presets
 from engine.generator import Generator, GeneratorError, GenParams
-from engine.stream import Stream
+from engine.stream import Stream, rss_mb
 
 log = logging.getLogger("cicada")
 
@@ -194,14 +194,23 @@ class Watchdog:
             if self.addr.startswith("@"):
                 self.addr = "\0" + self.addr[1:]
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.sock.setblocking(False)  # a reader that stalls must never stall the engine
+        self._last_ping = 0.0
 
     def notify(self, msg: str) -> None:
         if self.sock is None:
             return
         try:
             self.sock.sendto(msg.encode(), self.addr)
-        except OSError as exc:
+        except OSError as exc:  # including BlockingIOError: drop the message
             log.debug("sd_notify failed: %s", exc)
+
+    def ping(self) -> None:
+        """WATCHDOG=1, at most twice per watchdog interval."""
+        now = time.monotonic()
+        if self.interval is not None and now - self._last_ping >= self.interval / 2:
+            self._last_ping = now
+            self.notify("WATCHDOG=1")
 
 
 def status_line(stream: Stream) -> str:
@@ -212,7 +221,7 @@ def status_line(stream: Stream) -> str:
         f"steps {s['steps']}  lm {s['lm_ms_p50']:.1f}/{s['lm_ms_p99']:.1f} ms  "
         f"dec {s['decode_ms_p50']:.1f}/{s['decode_ms_p99']:.1f} ms  rtf {rtf:.2f}  "
         f"underruns {s.get('sink_underruns', 0)}  outages {s.get('sink_outages', 0)}  "
-        f"nan {s['nonfinite_blocks']}  limiter {s['gain_reduction_db']:.1f} dB"
+        f"nan {s['nonfinite_blocks']}  limiter {s['gain_reduction_db']:.1f} dB  rss {rss_mb():.0f} MB"
     )
 
 
@@ -253,6 +262,7 @@ def run_live(
             raise AppError(str(exc)) from None
         log.warning("%s", exc)
         print(f"cicada: {exc}\ncicada: no sound device, so playing into {fallback_file} instead")
+        fallback_file.parent.mkdir(parents=True, exist_ok=True)
         sink = FileSink(fallback_file, pack.audio.sample_rate, pack.audio.channels)
         sink.start()
         if seconds is None:
@@ -290,7 +300,7 @@ def run_live(
                          process_age() - (time.monotonic() - stream.first_sound_at))
             # Only tell systemd we're alive if generation is actually moving.
             if gen.steps != last_steps:
-                wd.notify("WATCHDOG=1")
+                wd.ping()
                 last_steps = gen.steps
             now = time.monotonic()
             if now >= next_status:

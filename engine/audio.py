@@ -42,6 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from engine.pack import current_umask
 from engine.ring import (
     CALLBACKS,
     FRAMES_PLAYED,
@@ -324,7 +325,7 @@ def _list_devices() -> str:
     else:
         ports, summary = jack_ports
         server = os.environ.get("JACK_DEFAULT_SERVER", "default")
-        lines.append(f"JACK server {server!r} ({summary}), playback ports (for --jack-connect):")
+        lines.append(f"JACK server {server!r} ({summary}), playback ports (for --connect):")
         lines.extend(f"  {p}" for p in ports)
         if not ports:
             lines.append("  (none)")
@@ -671,6 +672,8 @@ def _audio_process_main(ring_name: str, conn: multiprocessing.connection.Connect
     """
     code = 1
     ring: Ring | None = None
+    with contextlib.suppress(OSError):
+        os.nice(-10)  # ahead of the engine and everything else, where allowed (root, CAP_SYS_NICE, limits.conf)
     try:
         ring = Ring.attach(ring_name)
         ring.consumer_pid = os.getpid()
@@ -1422,6 +1425,7 @@ class FileSink:
         try:
             self._file.close()
             assert self._tmp is not None
+            os.chmod(self._tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a render is an ordinary file
             os.replace(self._tmp, self.path)
         except Exception as exc:
             self.abort()

@@ -34,19 +34,9 @@ import numpy as np
 
 from engine import pack as packfmt
 from engine.generator import Generator, GenParams
+from engine.stream import rss_mb
 
 log = logging.getLogger("cicada.bench")
-
-
-def rss_mb() -> float:
-    """Resident set size of this process in MiB (Linux /proc; falls back to peak RSS)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _pcts(values: list[float] | np.ndarray) -> tuple[float, float]:

@@ -434,6 +434,17 @@ class LMStep(nn.Module):
         }
         return GraphSpec(inputs, outputs, meta)
 
+    @staticmethod
+    def _qkv_weight(att: Attention) -> torch.Tensor:
+        """``[3 * dim, dim]``: the q, k and v projections stacked (folded into one initializer on export)."""
+        return torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], dim=0)
+
+    @staticmethod
+    def _qkv_bias(att: Attention) -> torch.Tensor | None:
+        if att.q_proj.bias is None:
+            return None
+        return torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias], dim=0)
+
     def example_inputs(self, position: int = 0) -> list[torch.Tensor]:
         """Inputs for a first step at ``position`` (empty ring, all text valid)."""
         cfg = self.lm.cfg
@@ -474,12 +485,18 @@ class LMStep(nn.Module):
         scale = cfg.head_dim**-0.5
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
+        b = tokens.shape[0]
         for li, layer in enumerate(lm.layers):
             att = layer.self_attn
             h = layer.self_attn_norm(x)
-            q, k, v = att.split(att.q_proj(h)), att.split(att.k_proj(h)), att.split(att.v_proj(h))  # [B, H, 1, Dh]
+            # One projection for q, k and v (one int8 activation quantization instead of three), and one
+            # rotary application for q and k together: fewer, larger nodes, same arithmetic.
+            qkv = F.linear(h, self._qkv_weight(att), self._qkv_bias(att))  # [B, 1, 3 * H * Dh]
+            qkv = qkv.view(b, 3 * cfg.heads, cfg.head_dim).unsqueeze(2)  # [B, 3H, 1, Dh]
+            qk, v = qkv[:, : 2 * cfg.heads], qkv[:, 2 * cfg.heads :]
             if cos is not None:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                qk = apply_rope(qk, cos, sin)
+            q, k = qk[:, : cfg.heads], qk[:, cfg.heads :]  # [B, H, 1, Dh]
             new_k.append(k)
             new_v.append(v)
             # K @ q^T: [B, H, S, Dh] @ [B, H, Dh, 1] reads the cache in place (q @ K^T would copy K)
@@ -553,6 +570,26 @@ def ring_step_through(
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu"}
 
 
+def musicgen_lm_config(c: Any, norm_eps: float = 1e-5) -> LMConfig:
+    """The LMConfig of a transformers ``MusicgenDecoderConfig`` (its shapes and options, not its weights)."""
+    return LMConfig(
+        dim=c.hidden_size,
+        layers=c.num_hidden_layers,
+        heads=c.num_attention_heads,
+        ffn_dim=c.ffn_dim,
+        n_codebooks=c.num_codebooks,
+        card=c.vocab_size,
+        positions="sinusoidal",
+        max_positions=c.max_position_embeddings,
+        cross_dim=c.hidden_size,
+        norm_eps=norm_eps,
+        activation=_HF_ACTIVATIONS.get(c.activation_function, "gelu"),
+        bias=False,
+        scale_embedding=False,
+        cross_attention=True,
+    )
+
+
 def load_hf_musicgen_decoder(hf_decoder: nn.Module) -> LM:
     """Build an :class:`LM` holding the weights of a transformers MusicGen decoder.
 
@@ -594,22 +631,7 @@ def load_hf_musicgen_decoder(hf_decoder: nn.Module) -> LM:
         raise ValueError(f"hidden_size={c.hidden_size} is not divisible by num_attention_heads={c.num_attention_heads}")
 
     dec = hf_decoder.model.decoder
-    cfg = LMConfig(
-        dim=c.hidden_size,
-        layers=c.num_hidden_layers,
-        heads=c.num_attention_heads,
-        ffn_dim=c.ffn_dim,
-        n_codebooks=c.num_codebooks,
-        card=c.vocab_size,
-        positions="sinusoidal",
-        max_positions=c.max_position_embeddings,
-        cross_dim=c.hidden_size,
-        norm_eps=float(dec.layer_norm.eps),
-        activation=_HF_ACTIVATIONS[c.activation_function],
-        bias=False,
-        scale_embedding=False,
-        cross_attention=True,
-    )
+    cfg = musicgen_lm_config(c, norm_eps=float(dec.layer_norm.eps))
     lm = LM(cfg)
     sd: dict[str, torch.Tensor] = {}
     for k in range(cfg.n_codebooks):

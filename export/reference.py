@@ -92,31 +92,11 @@ class Architecture:
     musicgen: Any = None  # transformers.MusicgenConfig for MusicGen-derived packs
 
 
-def _lm_config_from_musicgen(dec: Any) -> Any:
-    """LMConfig equal to what export.lm.load_hf_musicgen_decoder builds for this decoder config."""
-    from export.lm import _HF_ACTIVATIONS, LMConfig
-
-    return LMConfig(
-        dim=dec.hidden_size,
-        layers=dec.num_hidden_layers,
-        heads=dec.num_attention_heads,
-        ffn_dim=dec.ffn_dim,
-        n_codebooks=dec.num_codebooks,
-        card=dec.vocab_size,
-        positions="sinusoidal",
-        max_positions=dec.max_position_embeddings,
-        cross_dim=dec.hidden_size,
-        activation=_HF_ACTIVATIONS.get(dec.activation_function, "gelu"),
-        bias=False,
-        scale_embedding=False,
-        cross_attention=True,
-    )
-
-
 def _from_musicgen_config(cfg: Any, how: str) -> Architecture:
     from export.codec import codec_config_from_hf
+    from export.lm import musicgen_lm_config
 
-    return Architecture(codec_config_from_hf(cfg.audio_encoder), _lm_config_from_musicgen(cfg.decoder), how, cfg)
+    return Architecture(codec_config_from_hf(cfg.audio_encoder), musicgen_lm_config(cfg.decoder), how, cfg)
 
 
 def _musicgen_small_config() -> Any:

@@ -21,6 +21,7 @@ import pytest
 import soundfile
 
 from engine.audio import AudioError, DeviceSink, FileSink, NullSink, Sink, _Player, list_devices
+from engine.pack import current_umask
 from engine.ring import Ring
 from tests.jack_server import JackServer, Recorder, first_sound, jackd_available, recorder_hears
 
@@ -170,6 +171,7 @@ def test_file_sink_writes_readable_file(tmp_path: Path, suffix: str, subtype: st
     assert not path.exists()  # nothing at the destination until stop()
     sink.stop(fade=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # an ordinary file, not mkstemp's 0600
     info = soundfile.info(str(path))
     assert (info.samplerate, info.channels, info.frames, info.subtype) == (32000, 2, len(signal_), subtype)
     data, _ = soundfile.read(str(path), dtype="float32", always_2d=True)

@@ -165,3 +165,33 @@ def test_cicada_play_into_jack_for_a_second(tiny_pack_dir: Path, server: JackSer
                 "system:playback_2", env=server.env())
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@needs_jack
+@bounded
+def test_serve_logs_status_and_speaks_to_systemd(tiny_pack_dir: Path, server: JackServer, tmp_path: Path) -> None:
+    """`cicada serve`: READY=1 and WATCHDOG=1 on $NOTIFY_SOCKET, status lines in a rotating log file."""
+    import socket
+
+    addr = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(addr)
+    sock.settimeout(0.2)
+    log = tmp_path / "logs" / "cicada.log"
+    env = {**server.env(), "NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "1000000"}
+    # Nobody reads the socket while cicada runs: a full socket queue must not stall it.
+    r = _cicada("serve", "--pack", str(tiny_pack_dir), "--seconds", "2.5", "--status-every", "0.5",
+                "--log", str(log), env=env)
+    messages = []
+    try:
+        while True:
+            messages.append(sock.recv(4096).decode())
+    except TimeoutError:
+        pass
+    finally:
+        sock.close()
+    assert r.returncode == 0, r.stderr
+    assert "READY=1" in messages and "WATCHDOG=1" in messages
+    assert any(m.startswith("STATUS=steps") for m in messages)
+    text = log.read_text()
+    assert "first sound" in text and text.count("underruns") >= 2
