@@ -155,14 +155,15 @@ def control_latency(pack: packfmt.Pack, latency_ms: float, changes: int, prompts
     }
 
 
-def reference(pack_path: Path, steps: int, threads: int, transformers: bool) -> dict[str, Any]:
-    """Run export.reference in a subprocess (torch stays out of this process)."""
+def _reference_once(pack_path: Path, steps: int, threads: int, transformers: bool, policy: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "export.reference", "--pack", str(pack_path), "--steps", str(steps),
            "--threads", str(threads)]
     if not transformers:
         cmd.append("--skip-transformers")
+    env = {**os.environ, "OMP_WAIT_POLICY": policy}
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False,
+                             cwd=Path(__file__).resolve().parent.parent)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"reference_error": str(exc)}
     if res.returncode != 0:
@@ -172,6 +173,28 @@ def reference(pack_path: Path, steps: int, threads: int, transformers: bool) -> 
         return json.loads(res.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
         return {"reference_error": "export.reference printed no JSON"}
+
+
+def reference(pack_path: Path, steps: int, threads: int, transformers: bool) -> dict[str, Any]:
+    """PyTorch's best case, from ``python -m export.reference`` in subprocesses (torch stays out of this one).
+
+    OpenMP's wait policy decides how fast torch is on small models, and which one wins depends on the
+    machine and its load (spinning threads help on an idle machine, hurt on a busy one); torch reads it at
+    start-up. So the reference runs once with each, and every timing keeps the faster of the two.
+    """
+    runs = {p: _reference_once(pack_path, steps, threads, transformers, p) for p in ("ACTIVE", "PASSIVE")}
+    ok = [r for r in runs.values() if "reference_error" not in r]
+    if not ok:
+        return runs["PASSIVE"]
+    best: dict[str, Any] = dict(ok[0])
+    for r in ok[1:]:
+        for k, v in r.items():
+            if isinstance(v, float) and (k.endswith("_ms_p50") or k.endswith("_ms_p99") or k.endswith("_s_per_audio_s")):
+                best[k] = min(best.get(k, v), v)
+    best["omp_wait_policy"] = "best of ACTIVE and PASSIVE per figure"
+    best["by_policy"] = {p: {k: v for k, v in r.items() if k.endswith(("_ms_p50", "_s_per_audio_s"))}
+                         for p, r in runs.items()}
+    return best
 
 
 def run(

@@ -271,7 +271,7 @@ class Stream:
             excess = ahead - self.target_samples
             if excess < 0:
                 return True
-            time.sleep(min(0.005, max(0.0005, excess / self.sink.rate)))
+            time.sleep(min(0.002, max(0.0005, excess / self.sink.rate)))
         return False
 
     def _step_block(self) -> np.ndarray:
