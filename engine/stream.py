@@ -25,6 +25,7 @@ path flat out, so a render equals a playback of the same seed sample for sample.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -243,7 +244,8 @@ class Stream:
                 self._q.get_nowait()
         except queue.Empty:
             pass
-        self._q.put(None) if not self._q.full() else None
+        with contextlib.suppress(queue.Full):
+            self._q.put_nowait(None)  # wake the decode worker
         for t in self._threads:
             t.join(timeout=5.0)
         self._threads = []
