@@ -15,12 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import pack as packfmt
 from engine import presets
 from engine.generator import Generator, GeneratorError, GenParams
-from engine.stream import Stream, rss_mb
+
+if TYPE_CHECKING:
+    # engine.stream pulls in numba (engine.post): imported where it is used, so that `play` can start the
+    # audio process first and load the DSP while that process starts.
+    from engine.stream import Stream
 
 log = logging.getLogger("cicada")
 
@@ -110,6 +114,8 @@ def open_generator(opts: RunOptions) -> Generator:
 
 
 def make_stream(gen: Generator, sink: Any, opts: RunOptions) -> Stream:
+    from engine.stream import Stream
+
     _, _, gain_db = initial_params(opts)
     stream = Stream(gen, sink, latency_ms=opts.latency_ms, ceiling_db=opts.ceiling_db)
     stream.safety.set_gain_db(gain_db)
@@ -214,6 +220,8 @@ class Watchdog:
 
 
 def status_line(stream: Stream) -> str:
+    from engine.stream import rss_mb
+
     s = stream.stats()
     frame_s = stream.gen.block_samples / stream.gen.sample_rate
     rtf = max(s["lm_ms_p50"], s["decode_ms_p50"]) / 1000.0 / (frame_s / stream.gen.block_frames)
@@ -260,8 +268,7 @@ def run_live(
         if fallback_file is None or not getattr(exc, "no_device", False):
             loader.join()
             raise AppError(str(exc)) from None
-        log.warning("%s", exc)
-        print(f"cicada: {exc}\ncicada: no sound device, so playing into {fallback_file} instead")
+        print(f"cicada: {exc}\ncicada: no sound device, so playing into {fallback_file} instead", flush=True)
         fallback_file.parent.mkdir(parents=True, exist_ok=True)
         sink = FileSink(fallback_file, pack.audio.sample_rate, pack.audio.channels)
         sink.start()
