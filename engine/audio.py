@@ -895,7 +895,12 @@ class DeviceSink(_RingSink):
                 if message is None:
                     message = ("error", self._exit_text(child, "during start-up"))
             elif child.process.exitcode is not None:
-                message = ("error", self._exit_text(child, "during start-up"))
+                # It may have said why just before exiting, after the poll above: read that first.
+                if child.conn.poll(0):
+                    with contextlib.suppress(EOFError, OSError):
+                        message = child.conn.recv()
+                if message is None:
+                    message = ("error", self._exit_text(child, "during start-up"))
             elif time.monotonic() > deadline:
                 message = ("error", f"the audio process did not open the device within {self.start_timeout:g} s")
         if message[0] != "ok":
