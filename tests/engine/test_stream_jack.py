@@ -5,9 +5,11 @@ Each test starts its own ``jackd --no-realtime -d dummy`` (tests/jack_server.py)
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,25 +43,32 @@ def _render(pack: packfmt.Pack, samples: int, rate: int) -> np.ndarray:
     return sink.audio()
 
 
+@contextlib.contextmanager
+def _playing(pack: packfmt.Pack, server: JackServer, recorder: Recorder) -> Iterator[tuple[Stream, DeviceSink]]:
+    """The engine streaming into ``server`` at 60 ms, connected to ``recorder`` by port name."""
+    sink = DeviceSink(None, pack.audio.channels, pack.audio.sample_rate, 60.0,
+                      jack_connect=recorder.ports, jack_server=server.name)
+    sink.start()
+    stream = Stream(_gen(pack), sink, latency_ms=60.0)
+    stream.start()
+    try:
+        yield stream, sink
+    finally:
+        stream.stop()
+        sink.stop()
+
+
 @needs_jack
 @bounded
 def test_playback_through_jack_equals_a_render_at_the_server_rate(pack: packfmt.Pack, sync_server: JackServer) -> None:
     """8 kHz pack -> resampled to the 48 kHz server -> PortAudio -> JACK -> recorder == cicada render --rate 48000."""
     with Recorder(sync_server.name) as recorder:
-        sink = DeviceSink(None, pack.audio.channels, pack.audio.sample_rate, 60.0,
-                          jack_connect=recorder.ports, jack_server=sync_server.name)
-        sink.start()
-        assert sink.rate == RATE  # the server's rate, not the pack's
-        stream = Stream(_gen(pack), sink, latency_ms=60.0)
-        stream.start()
-        try:
+        with _playing(pack, sync_server, recorder) as (stream, sink):
+            assert sink.rate == RATE  # the server's rate, not the pack's
             while stream.written_samples < 2 * RATE:
                 assert stream.error is None
                 time.sleep(0.05)
             stats = sink.stats()
-        finally:
-            stream.stop()
-            sink.stop()
         recording = recorder.take()
     assert stats["underruns"] == 0 and stats["dropped_samples"] == 0, stats
     start = first_sound(recording)
@@ -114,12 +123,7 @@ def test_server_vanishes_mid_play_and_playback_resumes(pack: packfmt.Pack, serve
 @bounded
 def test_panic_silences_within_50_ms(pack: packfmt.Pack, sync_server: JackServer) -> None:
     with Recorder(sync_server.name) as recorder:
-        sink = DeviceSink(None, pack.audio.channels, pack.audio.sample_rate, 60.0,
-                          jack_connect=recorder.ports, jack_server=sync_server.name)
-        sink.start()
-        stream = Stream(_gen(pack), sink, latency_ms=60.0)
-        stream.start()
-        try:
+        with _playing(pack, sync_server, recorder) as (stream, sink):
             assert recorder_hears(recorder, 0.3, timeout=5, rate=RATE).size
             recorder.take()
             played_before = sink.stats()["played_samples"]
@@ -129,9 +133,6 @@ def test_panic_silences_within_50_ms(pack: packfmt.Pack, sync_server: JackServer
             played = sink.stats()["played_samples"] - played_before
             stream.resume()
             back = recorder_hears(recorder, 0.2, timeout=5, rate=RATE)
-        finally:
-            stream.stop()
-            sink.stop()
     # Everything from 50 ms after the panic is exact silence (the recording lags the callback by at most
     # a period or two, which only makes the sound stop earlier in the recording, never later).
     assert played > 0.4 * RATE
