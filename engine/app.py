@@ -97,11 +97,12 @@ def initial_params(opts: RunOptions) -> tuple[GenParams, int, float]:
     return params, seed, gain_db
 
 
-def open_generator(opts: RunOptions) -> Generator:
-    # The graphs' inputs and outputs are checked against the manifest as their sessions open
-    # (engine.pack.check_session), so the manifest-only load here saves parsing every graph twice.
-    pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
-    params, seed, _ = initial_params(opts)
+def open_generator(opts: RunOptions, pack: packfmt.Pack, params: GenParams, seed: int) -> Generator:
+    """The generator for a pack loaded without its graphs.
+
+    The graphs' inputs and outputs are checked against the manifest as their sessions open
+    (engine.pack.check_session), so nothing parses every graph twice.
+    """
     try:
         gen = Generator(pack, seed=seed, params=params, compute=opts.compute)
     except GeneratorError as exc:
@@ -113,10 +114,9 @@ def open_generator(opts: RunOptions) -> Generator:
     return gen
 
 
-def make_stream(gen: Generator, sink: Any, opts: RunOptions) -> Stream:
+def make_stream(gen: Generator, sink: Any, opts: RunOptions, gain_db: float) -> Stream:
     from engine.stream import Stream
 
-    _, _, gain_db = initial_params(opts)
     stream = Stream(gen, sink, latency_ms=opts.latency_ms, ceiling_db=opts.ceiling_db)
     stream.safety.set_gain_db(gain_db)
     return stream
@@ -129,20 +129,21 @@ def render(opts: RunOptions, seconds: float, out: Path, progress: Callable[[int,
     """Render ``seconds`` into ``out`` (WAV/FLAC) faster than real time; return a summary."""
     from engine.audio import AudioError, FileSink
 
-    # Check the destination before the (slower) model load: a typo fails at once.
-    manifest = packfmt.load(pack_path(opts.pack), check_graphs=False)
-    rate = opts.rate or manifest.audio.sample_rate
-    sink = FileSink(out, rate, manifest.audio.channels)
+    # Check the preset and the destination before the (slower) model load: a typo fails at once.
+    pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
+    params, seed, gain_db = initial_params(opts)
+    rate = opts.rate or pack.audio.sample_rate
+    sink = FileSink(out, rate, pack.audio.channels)
     try:
         sink.start()
     except AudioError as exc:
         raise AppError(str(exc)) from None
     try:
-        gen = open_generator(opts)
+        gen = open_generator(opts, pack, params, seed)
     except BaseException:
         _abort(sink)
         raise
-    stream = make_stream(gen, sink, opts)
+    stream = make_stream(gen, sink, opts, gain_db)
     total = int(round(seconds * rate))
     t0 = time.perf_counter()
     ok = False
@@ -244,6 +245,8 @@ def run_live(
     """Play until SIGINT/SIGTERM (or ``seconds``): the engine of `play` and `serve`."""
     from engine.audio import AudioError, DeviceSink, FileSink
 
+    pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
+    params, seed, gain_db = initial_params(opts)
     gen_box: dict[str, Generator] = {}
     # Load the pack while the audio process starts: both take a moment.
     err: list[BaseException] = []
@@ -253,13 +256,12 @@ def run_live(
             from engine.post import OutputSafety
 
             OutputSafety(48000, 2)  # loads the compiled DSP (numba cache) while the rest starts
-            gen_box["gen"] = open_generator(opts)
+            gen_box["gen"] = open_generator(opts, pack, params, seed)
         except BaseException as exc:
             err.append(exc)
 
     loader = threading.Thread(target=load, daemon=True)
     loader.start()
-    pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
     sink: Any = DeviceSink(opts.device, pack.audio.channels, opts.rate or pack.audio.sample_rate, opts.latency_ms,
                            jack_connect=opts.connect)
     try:
@@ -281,7 +283,7 @@ def run_live(
             raise err[0]
         raise AppError(f"cannot open the pack: {err[0]}")
     gen = gen_box["gen"]
-    stream = make_stream(gen, sink, opts)
+    stream = make_stream(gen, sink, opts, gain_db)
     lat = stream.latency_report
     log.info("latency: %s", ", ".join(f"{k} {v:.1f}" for k, v in lat.items()))
     stop = threading.Event()

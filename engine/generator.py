@@ -116,9 +116,9 @@ class Generator:
         self._guided = np.zeros((cb.count, cb.cardinality), np.float32)
         self._frames = np.zeros((cb.count, self.block_frames), np.int64)
         self._nframes = 0
-        self.params = GenParams()
+        # (params, the prompt key they need, its condition): swapped whole, so a step never sees a mix
         self._staged: tuple[GenParams, tuple[str, str, float] | None, Condition] = (
-            self.params, None, self.conditioner.null())
+            GenParams(), None, self.conditioner.null())
         self._applied: tuple[str, str, float] | None = None
         self.condition: Condition = self._staged[2]
         self.steps = 0
@@ -126,7 +126,7 @@ class Generator:
         # params version of each of the last columns, to tag frames (control-latency accounting)
         self._col_versions = np.zeros(self.pattern.max_delay + 1, np.int64)
         self.block_version = 0  # version in force when codebook 0 of the block's first frame was sampled
-        self.set_params(params or self.params)
+        self.set_params(params or self._staged[0])
         self._apply_condition()
 
     # ------------------------------------------------------------------ latency
@@ -148,7 +148,11 @@ class Generator:
         key = (params.prompt, params.prompt_b, params.morph)
         cond = None if key == self._staged[1] else self.prepare(params)
         self._staged = (params, key, cond if cond is not None else self._staged[2])
-        self.params = params
+
+    @property
+    def params(self) -> GenParams:
+        """The parameter snapshot in force (the next step reads it)."""
+        return self._staged[0]
 
     def prepare(self, params: GenParams) -> Condition:
         """Compute the condition for ``params`` (the conditioner run; thread-safe, cached)."""

@@ -56,10 +56,15 @@ def session_options(threads: int) -> Any:
     return so
 
 
-def rope_tables(position: int, head_dim: int, theta: float, cos: np.ndarray, sin: np.ndarray) -> None:
-    """Fill ``cos, sin [1, Dh/2]`` for ``position`` (float64 math: exact for billions of frames)."""
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """Rotary frequencies ``theta ** (-2 i / Dh)`` for ``i < Dh/2``, float64 ``[Dh/2]``."""
     i = np.arange(head_dim // 2, dtype=np.float64)
-    ang = float(position) * theta ** (-2.0 * i / head_dim)
+    return theta ** (-2.0 * i / head_dim)
+
+
+def rope_tables(position: int, inv_freq: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Fill ``cos, sin [1, Dh/2]`` for ``position`` (float64 angles: exact for billions of frames)."""
+    ang = float(position) * inv_freq
     cos[0] = np.cos(ang)
     sin[0] = np.sin(ang)
 
@@ -118,7 +123,7 @@ class LMSession:
         self.batch: int = g["batch"]
         self.sinusoidal = g["positions"] == "sinusoidal"
         self.max_positions: int = int(g["max_positions"]) if self.sinusoidal else 0
-        self.rope_theta = float(g.params.get("rope_theta", 10000.0))
+        self._rope_inv = rope_inv_freq(self.head_dim, float(g.params.get("rope_theta", 10000.0)))
         self.k = pack.codebooks.count
         self.special = pack.codebooks.special_token
         card = pack.codebooks.cardinality
@@ -201,7 +206,7 @@ class LMSession:
         if self.sinusoidal:
             cs.position[0] = pos
         else:
-            rope_tables(pos, self.head_dim, self.rope_theta, cs.rope_cos, cs.rope_sin)
+            rope_tables(pos, self._rope_inv, cs.rope_cos, cs.rope_sin)
         self.session.run_with_iobinding(cs.binding)
         slot = pos % self.slots
         cs.k[:, :, :, slot] = self.new_k[:, :, :, 0]

@@ -120,10 +120,6 @@ class Resampler:
 
             self._rs = soxr.ResampleStream(in_rate, out_rate, channels, dtype="float32", quality="HQ")
 
-    @property
-    def active(self) -> bool:
-        return self._rs is not None
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self._rs is None:
             return x
@@ -166,9 +162,8 @@ class Stream:
         self.written_samples = 0  # at the sink rate
         self.nonfinite_blocks = 0
         self.last_written = WrittenBlock(0, 0)
-        self.started_at = 0.0
         self._primed = False  # the first target's worth of audio has been handed to the sink
-        self._held: list[np.ndarray] = []
+        self._held: list[np.ndarray] = []  # blocks kept back until then
         self.first_sound_at: float | None = None
         self._configure()
 
@@ -225,7 +220,6 @@ class Stream:
 
     def start(self) -> None:
         quiet_gc()
-        self.started_at = time.monotonic()
         self._running.set()
         if self.pipelined:
             self._threads = [
@@ -355,15 +349,14 @@ class Stream:
         A device starts playing as soon as anything is queued; starting with a full buffer means the first
         slow steps (caches warming up) cannot cause an underrun.
         """
-        if self._primed or self.sink.queued() + block.shape[0] >= self.target_samples and not self._held:
-            self.sink.write(block)
-            self._primed = True
-            return
-        self._held.append(block)
-        if sum(b.shape[0] for b in self._held) >= self.target_samples or self.limit_samples is not None:
-            self.sink.write(np.concatenate(self._held))
+        if not self._primed:
+            self._held.append(block)
+            if self.limit_samples is None and sum(b.shape[0] for b in self._held) < self.target_samples:
+                return
+            block = np.concatenate(self._held)
             self._held.clear()
             self._primed = True
+        self.sink.write(block)
 
     # ------------------------------------------------------------------ offline
 
@@ -401,7 +394,7 @@ class Stream:
             "nonfinite_blocks": self.nonfinite_blocks,
             "resets": self.gen.resets,
             "reprimes": self.gen.lm.reprimes,
-            "gain_reduction_db": getattr(self.safety, "gain_reduction_db", 0.0),
+            "gain_reduction_db": self.safety.gain_reduction_db,
             "prompt": self.gen.condition.text,
         }
         s.update({f"sink_{k}": v for k, v in self.sink.stats().items()})

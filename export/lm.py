@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.lm import rope_inv_freq
 from export.onnx import GraphSpec, TensorSpec
 
 NEG: float = float(torch.finfo(torch.float32).min)
@@ -123,9 +124,7 @@ def rope_cos_sin(positions: int | Sequence[int] | np.ndarray, head_dim: int, the
     (numpy only), with ``P == 1``.
     """
     pos = np.atleast_1d(np.asarray(positions, dtype=np.float64))
-    i = np.arange(head_dim // 2, dtype=np.float64)
-    inv = theta ** (-2.0 * i / head_dim)
-    ang = pos[:, None] * inv[None, :]
+    ang = pos[:, None] * rope_inv_freq(head_dim, theta)[None, :]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
