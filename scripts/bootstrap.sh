@@ -38,6 +38,8 @@ install_python() {
   # torch is pinned: an unpinned torch pulls several GB of CUDA packages.
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[export,dev]"
+  # Compile the output-safety DSP now (numba caches it on disk), not during the first `cicada play`.
+  .venv/bin/python -c "from engine.post import OutputSafety; OutputSafety(48000, 2)"
 }
 
 install_system
