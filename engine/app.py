@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import pack as packfmt
 from engine import presets
+from engine.conditioner import PromptError
 from engine.generator import Generator, GeneratorError, GenParams
 
 if TYPE_CHECKING:
@@ -105,10 +106,10 @@ def open_generator(opts: RunOptions, pack: packfmt.Pack, params: GenParams, seed
     """
     try:
         gen = Generator(pack, seed=seed, params=params, compute=opts.compute)
-    except GeneratorError as exc:
+    except (GeneratorError, PromptError) as exc:
         raise AppError(str(exc)) from None
-    if pack.prompts and params.prompt and params.prompt not in pack.prompts:
-        log.warning("prompt %r is not one the pack was trained on; expect weak conditioning", params.prompt)
+    if gen.condition.unknown:
+        log.warning("words the pack does not know are ignored: %s", ", ".join(gen.condition.unknown))
     if gen.condition.truncated:
         log.warning("prompt longer than the pack's %d text tokens; the rest is ignored", gen.conditioner.text_len)
     return gen

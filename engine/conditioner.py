@@ -7,6 +7,13 @@ on the text, so they are computed when the prompt changes, never per step.
 
 The empty prompt is the null condition (zeros, fully masked): the stream then
 runs unconditioned. ``blend(a, b, w)`` morphs between two prompts.
+
+Prompts are free text. The tokenizer lowercases and drops punctuation, and our
+own models are trained on reworded prompts (words reordered, one or two left
+out), so wording close to a known prompt works. Words the tokenizer does not
+know are ignored (``Condition.unknown`` lists them); a prompt with no known word
+at all is refused with :class:`PromptError`, which lists the known prompts,
+rather than turned silently into the unconditioned sound.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ from engine.lm import NEG, session_options
 from engine.pack import Pack
 
 
+class PromptError(ValueError):
+    """A prompt the pack cannot condition on; the message lists the prompts it knows."""
+
+
 @dataclass(frozen=True)
 class Condition:
     """The conditioned row of the LM's cross-attention inputs."""
@@ -29,6 +40,7 @@ class Condition:
     cross_v: np.ndarray  # [L, H, Tc, Dh] float32
     mask: np.ndarray  # [Tc] float32, additive
     truncated: bool = False  # the text had more tokens than the pack's Tc
+    unknown: tuple[str, ...] = ()  # words of the text the tokenizer does not know (ignored)
 
 
 def blend(a: Condition, b: Condition, weight: float) -> Condition:
@@ -69,6 +81,9 @@ class Conditioner:
             raise PackError(f"{pack.tokenizer}: cannot read the tokenizer ({exc}). Re-export the pack.") from None
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.unk_id = self.tokenizer.token_to_id("<unk>")
+        self.special_ids = {i for i in (self.unk_id, self.tokenizer.token_to_id("<pad>"),
+                                        self.tokenizer.token_to_id("</s>")) if i is not None}
         lm = pack.lm
         self.shape = (lm["layers"], lm["heads"], self.text_len, lm["head_dim"])
         self._cache: OrderedDict[str, Condition] = OrderedDict()
@@ -77,6 +92,26 @@ class Conditioner:
     def null(self) -> Condition:
         z = np.zeros(self.shape, np.float32)
         return Condition("", z, z.copy(), np.full(self.text_len, NEG, np.float32))
+
+    def unknown_words(self, text: str) -> tuple[list[str], int]:
+        """``(words the tokenizer maps to <unk>, number of known word tokens)`` of ``text``."""
+        enc = self.tokenizer.encode(text)
+        unknown = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id]
+        known = sum(1 for i in enc.ids if i not in self.special_ids)
+        return unknown, known
+
+    def check(self, text: str) -> tuple[str, ...]:
+        """Raise :class:`PromptError` if no word of ``text`` is known; else return the unknown words."""
+        if self.unk_id is None or not text.strip():
+            return ()
+        unknown, known = self.unknown_words(text)
+        if known == 0 and self.pack.prompts:
+            listing = "\n".join(f"  {p}" for p in self.pack.prompts)
+            raise PromptError(
+                f"no word of the prompt {text!r} is known to the pack '{self.pack.name}'; "
+                f"use words from its prompts (any order, case or punctuation):\n{listing}"
+            )
+        return tuple(unknown)
 
     def tokens(self, text: str) -> tuple[np.ndarray, np.ndarray, bool]:
         """``text -> (ids [1, Tc] int64, mask [1, Tc] int64, truncated)``."""
@@ -97,6 +132,7 @@ class Conditioner:
         if hit is not None:
             self._cache.move_to_end(text)
             return hit
+        unknown = self.check(text)
         tok, mask, truncated = self.tokens(text)
         ck, cv = self.session.run(["cross_k", "cross_v"], {"text_tokens": tok, "text_mask": mask})
         cond = Condition(
@@ -105,6 +141,7 @@ class Conditioner:
             np.ascontiguousarray(cv[:, 0]),
             np.where(mask[0] == 1, 0.0, NEG).astype(np.float32),
             truncated,
+            unknown,
         )
         self._cache[text] = cond
         while len(self._cache) > self._cache_size:

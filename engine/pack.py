@@ -101,6 +101,7 @@ class Pack:
     tokenizer: Path
     prompts: tuple[str, ...]
     info: dict[str, Any]  # free-form [source] / [training] records
+    encoder: GraphInfo | None = None  # optional whole-clip encoder (eval, audio prompts)
 
     @property
     def decoder_latency_ms(self) -> float:
@@ -203,7 +204,11 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, bool]]] = {
         "max_tokens": (_is_int, True),
     },
     "prompts": {"known": (_is_str_list, True)},
+    # Optional: audio [1, C, T] -> codes [1, K, F], T dynamic (-1 in the manifest).
+    "encoder": {**{k: (c, True) for k, c in _GRAPH_KEYS.items()}},
 }
+# Tables a pack may leave out.
+_OPTIONAL_TABLES = ("encoder",)
 # Free-form record tables: any keys allowed.
 _FREE_TABLES = ("source", "training")
 _TYPE_WORDS = {
@@ -247,6 +252,8 @@ def _check_schema(doc: dict[str, Any], problems: _Problems) -> None:
             problems.add(f"{MANIFEST}: unknown key '{key}' (known: {', '.join(known)}); remove it or fix its spelling")
     for table, keys in _SCHEMA.items():
         section = doc if not table else doc.get(table)
+        if section is None and table in _OPTIONAL_TABLES:
+            continue
         if section is None:
             problems.add(f"{MANIFEST}: missing table [{table}]")
             continue
@@ -394,6 +401,12 @@ def _check_consistency(p: Pack, problems: _Problems) -> None:
     _expect(c, "inputs", "text_mask", (1, Tc), "int64", "1 x conditioner.max_tokens", problems)
     for n in ("cross_k", "cross_v"):
         _expect(c, "outputs", n, (L, 1, H, Tc, Dh), "float32", "layers x 1 x heads x max_tokens x head_dim", problems)
+    e = p.encoder
+    if e is not None:  # fixed length: shorter clips are zero-padded at the end (the encoder is causal)
+        t = e.input("audio").shape[-1] if e.input("audio") is not None and e.input("audio").shape else 0
+        _expect(e, "inputs", "audio", (1, a.channels, t), "float32", "1 x channels x samples", problems)
+        _expect(e, "outputs", "codes", (1, cb.count, -(-t // a.hop_length)), "int64",
+                "1 x codebooks x ceil(samples / hop_length)", problems)
 
 
 def _check_graph_file(g: GraphInfo, problems: _Problems) -> None:
@@ -453,6 +466,8 @@ def _compare_io(
                 )
                 continue
             shape, dtype = got[name]
+            if len(shape) == len(t.shape):  # -1 in the manifest: a dynamic dimension
+                shape = tuple(-1 if w == -1 else d for d, w in zip(shape, t.shape))
             if shape != t.shape or dtype != t.dtype:
                 problems.add(
                     f"{g.file.name}: {kind} '{name}' is {list(shape)} {dtype} in the graph, "
@@ -491,7 +506,7 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
         )
 
     graphs: dict[str, GraphInfo] = {}
-    for section in ("decoder", "lm", "conditioner"):
+    for section in ("decoder", "lm", "conditioner", *(t for t in _OPTIONAL_TABLES if t in doc)):
         s = doc[section]
         g = GraphInfo(
             section=section,
@@ -520,6 +535,7 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
         tokenizer=tokenizer,
         prompts=tuple(doc["prompts"]["known"]),
         info={k: doc[k] for k in _FREE_TABLES if k in doc},
+        encoder=graphs.get("encoder"),
     )
     _check_consistency(pack, problems)
     if not tokenizer.is_file():

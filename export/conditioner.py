@@ -58,7 +58,8 @@ def _build_hf_tokenizer(vocab: dict[str, int], length: int):
     return tok
 
 
-def _words(text: str) -> list[str]:
+def split_words(text: str) -> list[str]:
+    """The words the tokenizer sees: lowercased runs of letters and digits."""
     from tokenizers import Regex, normalizers, pre_tokenizers
 
     norm = normalizers.Lowercase().normalize_str(text)
@@ -88,7 +89,7 @@ class WordTokenizer:
         """Vocabulary from ``prompts``; encodings are ``length`` tokens long."""
         if length < 2:
             raise ValueError(f"length must be >= 2 (a word and </s>), got {length}")
-        counts = Counter(w for p in prompts for w in _words(p))
+        counts = Counter(w for p in prompts for w in split_words(p))
         vocab = {PAD: PAD_ID, UNK: UNK_ID, EOS: EOS_ID}
         for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
             if w not in vocab:

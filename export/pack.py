@@ -69,6 +69,7 @@ def build_pack(
     conditioner: nn.Module,
     tokenizer_file: str | Path,
     lm_meta: dict[str, Any],
+    encoder: nn.Module | None = None,
     overwrite: bool = False,
 ) -> packfmt.Pack:
     """Export the three step graphs and write a validated pack to ``out``.
@@ -99,6 +100,9 @@ def build_pack(
                 fp32.unlink()
             elif spec.quantize != "none":
                 raise ValueError(f"--quantize {spec.quantize!r}: choose none or int8")
+            if encoder is not None:
+                _export(encoder.eval(), encoder.spec, encoder.example_inputs(), tmp / "encoder.onnx", "encoder")
+                _fix_output_shapes(tmp / "encoder.onnx", encoder.spec)
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
 
         doc: dict[str, Any] = {
@@ -140,6 +144,8 @@ def build_pack(
             },
             "prompts": {"known": list(spec.prompts)},
         }
+        if encoder is not None:
+            doc["encoder"] = {"file": "encoder.onnx", **_tensor_table(encoder.spec)}
         if spec.source:
             doc["source"] = spec.source
         if spec.training:
@@ -188,6 +194,8 @@ def pack_models(
     quantize: str = "none",
     source: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    encoder: nn.Module | None = None,
+    encoder_seconds: float = 10.0,
     overwrite: bool = False,
 ) -> packfmt.Pack:
     """Pack a codec (export.codec.Codec), an LM (export.lm.LM) and a text encoder.
@@ -227,5 +235,47 @@ def pack_models(
             conditioner=ConditionerGraph(text_encoder, lm, text_len=text_len),
             tokenizer_file=tokenizer_file,
             lm_meta=lm_manifest(lm),
+            encoder=EncoderGraph(encoder, encoder_seconds) if encoder is not None else None,
             overwrite=overwrite,
         )
+
+
+def _fix_output_shapes(path: Path, spec: GraphSpec) -> None:
+    """Write the spec's fixed output shapes into the graph (the tracer leaves some symbolic)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for out, t in zip(model.graph.output, spec.outputs):
+        dims = out.type.tensor_type.shape.dim
+        for d, n in zip(dims, t.shape):
+            d.Clear()
+            d.dim_value = n
+    onnx.save(model, str(path))
+
+
+class EncoderGraph(nn.Module):
+    """Whole-clip encoder for a pack: ``audio [1, C, T] -> codes [1, K, ceil(T / hop)]`` (int64).
+
+    ``T`` is fixed (``seconds`` of audio); a shorter clip is zero-padded at the
+    end, which leaves its codes unchanged when the encoder is causal. The
+    engine never runs it while streaming; ``cicada eval`` uses it to measure
+    the codec's reconstruction.
+    """
+
+    def __init__(self, codec: nn.Module, seconds: float = 10.0) -> None:
+        super().__init__()
+        from export.onnx import TensorSpec
+
+        self.codec = codec
+        c = codec.cfg
+        self.samples = round(seconds * c.sample_rate / c.hop_length) * c.hop_length
+        self.spec = GraphSpec(
+            inputs=[TensorSpec("audio", (1, c.channels, self.samples))],
+            outputs=[TensorSpec("codes", (1, c.n_codebooks, self.samples // c.hop_length), "int64")],
+        )
+
+    def example_inputs(self) -> list[torch.Tensor]:
+        return [torch.randn(self.spec.inputs[0].shape) * 0.1]
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(audio)

@@ -1,0 +1,700 @@
+"""Train cicada's own codec and LM on the procedural food-sound corpus, in bounded time.
+
+Three stages, each resumable from the checkpoint it leaves in its folder::
+
+    cicada train codec   out/train/codec/checkpoint.pt   causal stereo codec, spectral + waveform losses
+    cicada train lm      out/train/lm/checkpoint.pt      rotary LM + text encoder on the codec's tokens
+    cicada train pack    packs/default                   ONNX pack, with the training record
+
+Training is step-based (so a seed gives the same models on the same device)
+with a wall-clock cap per stage as a safety net; a stage stopped by its cap, by
+Ctrl-C or by a crash resumes from its last checkpoint when run again. The
+audio comes from :mod:`export.data`: codec batches are drawn fresh from the
+synthesizer every step (seeded by step), the LM trains on a fixed corpus the
+finished codec has encoded once (cached next to the LM checkpoint).
+
+Shapes: audio ``[B, C, T]``, codes ``[B, K, F]`` (``K`` codebooks, ``F``
+frames), delayed LM grid ``[B, K, F + max(delays)]``, logits ``[B, K, F, card]``.
+
+CUDA is used when present (``--device auto``); the record says which device
+trained each stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from export import data
+from export.codec import Codec, CodecConfig
+from export.conditioner import TextEncoder, TextEncoderConfig, WordTokenizer, split_words
+from export.lm import LM, LMConfig, apply_delay
+
+log = logging.getLogger("cicada.train")
+
+CHECKPOINT = "checkpoint.pt"
+DEFAULT_ROOT = Path("out/train")
+
+
+class TrainError(Exception):
+    """A training run that cannot go on; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass
+class CodecTrainConfig:
+    """Codec training at the defaults: about 20-30 minutes on 2 CPU cores.
+
+    The architecture is sized for the engine first (decoder step well under
+    3 ms per frame on 2 cores): n_filters 24, one LSTM layer, 4 x 1024 codes
+    at 50 Hz.
+    """
+
+    seed: int = 0
+    steps: int = 2000
+    minutes: float = 60.0  # wall-clock cap for this stage
+    batch: int = 8
+    segment: float = 0.4  # seconds per training example
+    lr: float = 1e-3
+    warmup: int = 100
+    wave_weight: float = 0.1
+    commit_weight: float = 1.0
+    dead_code_every: int = 10
+    codec: dict[str, Any] = field(
+        default_factory=lambda: dict(
+            sample_rate=data.SAMPLE_RATE, channels=data.CHANNELS, n_filters=24, ratios=[8, 5, 4, 4],
+            dimension=128, lstm_layers=1, causal=True, pad_mode="constant", conv_shortcut=False,
+            n_codebooks=4, codebook_size=1024,
+        )
+    )
+
+
+@dataclass
+class LMTrainConfig:
+    """LM training at the defaults: about 30 minutes on 2 CPU cores.
+
+    The LM is half the depth of the ``tiny`` shape (8 layers of 256), and sees a
+    ring of ``context`` frames at run time; training sequences are longer than
+    the ring and use the same sliding window, so what it learned is what the
+    engine's ring cache shows it.
+    """
+
+    seed: int = 0
+    steps: int = 1000
+    minutes: float = 60.0
+    batch: int = 12
+    frames: int = 192  # frames per training sequence
+    context: int = 150  # the pack's ring-cache length (frames of self-attention)
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    cfg_dropout: float = 0.1  # fraction of sequences trained unconditioned (for guidance)
+    text_variation: float = 0.5  # fraction of prompts reworded (order, a dropped word)
+    corpus_clips: int = 16  # per prompt
+    corpus_seconds: float = 8.0
+    text_len: int = 24
+    lm: dict[str, Any] = field(
+        default_factory=lambda: dict(dim=256, layers=8, heads=8, ffn_dim=1024, positions="rotary")
+    )
+    text: dict[str, Any] = field(default_factory=lambda: dict(dim=256, layers=2, heads=4, ffn_dim=1024))
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else CPU. ``cuda`` without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch, or use --device cpu)")
+    if name not in ("cpu", "cuda"):
+        raise TrainError(f"--device {name!r}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def device_record(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, stage: str | None = None) -> dict[str, Any]:
+    if stage and not path.is_file():
+        raise TrainError(f"{path}: no {stage} checkpoint; run `cicada train {stage}` first (or pass its path)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TrainError(f"{path}: cannot read the checkpoint ({exc}); delete it or pass --fresh to start over") from None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class Progress:
+    """A rich progress bar with the running losses and ETA (plain log lines when not a terminal)."""
+
+    def __init__(self, title: str, total: int, start: int, quiet: bool = False) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.quiet = quiet
+        self.total = total
+        self.last_log = 0.0
+        self.bar = RichProgress(
+            TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=quiet,
+        )
+        self.task = self.bar.add_task(title, total=total, completed=start, losses="")
+        self.bar.start()
+
+    def update(self, step: int, losses: dict[str, float]) -> None:
+        text = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
+        self.bar.update(self.task, completed=step, losses=text)
+        now = time.monotonic()
+        if (self.quiet or not self.bar.console.is_terminal) and now - self.last_log > 30:
+            self.last_log = now
+            log.info("step %d/%d  %s", step, self.total, text)
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
+class Smoothed:
+    """Exponential moving averages of named losses (for display and the record)."""
+
+    def __init__(self, beta: float = 0.98) -> None:
+        self.beta = beta
+        self.values: dict[str, float] = {}
+
+    def add(self, **losses: float) -> dict[str, float]:
+        for k, v in losses.items():
+            old = self.values.get(k)
+            self.values[k] = v if old is None else self.beta * old + (1 - self.beta) * v
+        return dict(self.values)
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def stft_mag(x: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """``x [N, T]`` -> magnitudes ``[N, n_fft // 2 + 1, frames]`` (Hann window, hop n_fft / 4)."""
+    window = torch.hann_window(n_fft, device=x.device)
+    spec = torch.stft(x, n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
+    return spec.abs().clamp_min(1e-7)
+
+
+def spectral_loss(x: torch.Tensor, y: torch.Tensor, scales: tuple[int, ...] = (2048, 1024, 512, 256, 128)) -> torch.Tensor:
+    """Multi-resolution STFT loss between reference ``x`` and estimate ``y`` (``[B, C, T]``).
+
+    Per scale and channel: L1 between log magnitudes plus spectral convergence
+    ``||X - Y||_F / ||X||_F``; averaged over scales. Channels are compared
+    separately, so a wrong stereo balance costs as much as a wrong spectrum.
+    """
+    xs, ys = x.flatten(0, 1), y.flatten(0, 1)
+    total = x.new_zeros(())
+    for n in scales:
+        mx, my = stft_mag(xs, n), stft_mag(ys, n)
+        total = total + (mx.log() - my.log()).abs().mean()
+        total = total + torch.linalg.vector_norm(mx - my) / torch.linalg.vector_norm(mx).clamp_min(1e-7)
+    return total / len(scales)
+
+
+def codec_batch(step: int, seed: int, batch: int, seconds: float, sample_rate: int) -> np.ndarray:
+    """``[B, 2, seconds * sr]`` float32: random prompts, random crops of fresh draws (seeded by step)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7, step]))
+    n = round(seconds * sample_rate)
+    out = np.empty((batch, data.CHANNELS, n), np.float32)
+    count = len(data.prompts())
+    for b in range(batch):
+        idx = int(rng.integers(count))
+        clip = data.synth(idx, seconds + 0.5, seed=seed + 1000, n=step * batch + b, sample_rate=sample_rate)
+        start = int(rng.integers(sample_rate // 50, clip.shape[1] - n))
+        out[b] = clip[:, start : start + n] * float(rng.uniform(0.5, 1.2))
+    return dither(out, rng)
+
+
+def dither(x: np.ndarray, rng: np.random.Generator, level: float = 1e-4) -> np.ndarray:
+    """Add white noise at -80 dBFS. Exact digital silence in a batch makes the
+    CPU backward pass 5-10x slower (denormal floats); this keeps it at speed."""
+    return (x + level * rng.standard_normal(x.shape, dtype=np.float32)).astype(np.float32)
+
+
+@torch.no_grad()
+def replace_dead_codes(codec: Codec, z: torch.Tensor, threshold: float) -> int:
+    """Move codewords that (almost) nobody uses onto vectors of this batch; returns how many moved.
+
+    ``z [B, D, F]`` is the encoder output; a code is dead when its EMA usage is
+    below ``threshold`` times the mean usage.
+    """
+    q = codec.quantizer
+    residual = z.permute(0, 2, 1).reshape(-1, z.shape[1])
+    moved = 0
+    for i in range(q.n_codebooks):
+        usage = q.cluster_size[i]
+        dead = usage < threshold * usage.mean()
+        n_dead = int(dead.sum())
+        if n_dead:
+            pick = torch.randint(0, residual.shape[0], (n_dead,), device=z.device)
+            q.embed[i][dead] = residual[pick]
+            q.embed_avg[i][dead] = residual[pick]
+            q.cluster_size[i][dead] = usage.mean()
+            moved += n_dead
+        idx = q._nearest(residual, q.embed[i])
+        residual = residual - F.embedding(idx, q.embed[i])
+    return moved
+
+
+def train_codec(
+    out: str | Path = DEFAULT_ROOT / "codec",
+    cfg: CodecTrainConfig | None = None,
+    *,
+    device: str = "auto",
+    fresh: bool = False,
+    quiet: bool = False,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) the codec; returns the training record (also in the checkpoint)."""
+    out = Path(out)
+    ckpt_path = out / CHECKPOINT
+    dev = pick_device(device)
+    state = None
+    if ckpt_path.exists() and not fresh:
+        state = load_checkpoint(ckpt_path)
+        cfg = CodecTrainConfig(**state["config"])
+        log.info("resuming the codec from %s at step %d", ckpt_path, state["step"])
+    cfg = cfg or CodecTrainConfig()
+    torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)  # decaying tails and fades are denormal floats: 5-10x slower on CPU
+    codec = Codec(CodecConfig(**cfg.codec)).to(dev).train()
+    opt = torch.optim.Adam(codec.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    step, elapsed, smooth = 0, 0.0, Smoothed()
+    if state is not None:
+        codec.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, smooth.values = state["step"], state["elapsed"], state["losses"]
+    sr = codec.cfg.sample_rate
+    record = dict(stage="codec", config=dataclasses.asdict(cfg), device=device_record(dev),
+                  command=command or "cicada train codec", commit=git_commit())
+
+    def checkpoint() -> None:
+        record.update(step=step, elapsed_minutes=round(elapsed / 60, 2), losses=smooth.values)
+        save_atomic(dict(model=codec.state_dict(), optimizer=opt.state_dict(), step=step, elapsed=elapsed,
+                         losses=smooth.values, config=dataclasses.asdict(cfg), record=record), ckpt_path)
+
+    bar = Progress("codec", cfg.steps, step, quiet)
+    t0, last_ckpt = time.monotonic() - elapsed, time.monotonic()
+    try:
+        while step < cfg.steps:
+            if elapsed > cfg.minutes * 60:
+                log.warning("codec: the %.0f-minute cap stopped training at step %d of %d", cfg.minutes, step, cfg.steps)
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+            x = torch.from_numpy(codec_batch(step, cfg.seed, cfg.batch, cfg.segment, sr)).to(dev)
+            z = codec.encoder(x)
+            qo = codec.quantizer(z)
+            y = codec.decoder(qo.quantized)[..., : x.shape[-1]]
+            spec = spectral_loss(x, y)
+            wave = (x - y).abs().mean()
+            loss = spec + cfg.wave_weight * wave + cfg.commit_weight * qo.commit_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
+            opt.step()
+            if not math.isfinite(float(loss.detach())):
+                raise TrainError(f"codec: the loss became {float(loss)} at step {step}; "
+                                 "resume from the last checkpoint with a lower --lr")
+            step += 1
+            if cfg.dead_code_every and step % cfg.dead_code_every == 0:
+                replace_dead_codes(codec, z.detach(), 0.05)
+            losses = smooth.add(spectral=float(spec.detach()), wave=float(wave.detach()), commit=float(qo.commit_loss.detach()))
+            bar.update(step, losses)
+            elapsed = time.monotonic() - t0
+            if time.monotonic() - last_ckpt > 120:
+                checkpoint()
+                last_ckpt = time.monotonic()
+    finally:
+        bar.close()
+        elapsed = time.monotonic() - t0
+        checkpoint()
+    log.info("codec: %d steps in %.1f min, losses %s -> %s", step, elapsed / 60, smooth.values, ckpt_path)
+    return record
+
+
+def load_codec(path: str | Path) -> tuple[Codec, dict[str, Any]]:
+    """A trained codec (eval mode) and its record, from a codec checkpoint."""
+    state = load_checkpoint(Path(path), "codec")
+    if state.get("record", {}).get("stage") != "codec":
+        raise TrainError(f"{path}: not a codec checkpoint (run `cicada train codec` first)")
+    codec = Codec(CodecConfig(**state["config"]["codec"]))
+    codec.load_state_dict(state["model"])
+    return codec.eval(), state["record"]
+
+
+# --------------------------------------------------------------------------- LM corpus
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_corpus(codec: Codec, cfg: LMTrainConfig, device: torch.device, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The LM corpus: ``codes [N, K, F]`` int16 and ``labels [N]`` (prompt index), seeded by cfg.seed."""
+    sr = codec.cfg.sample_rate
+    codec = codec.to(device)
+    codes, labels = [], []
+    total = cfg.corpus_clips * len(data.prompts())
+    bar = Progress("encode", total, 0, quiet)
+    for i, (idx, clip) in enumerate(data.corpus(cfg.seed + 2000, cfg.corpus_clips, cfg.corpus_seconds, sr)):
+        wav = torch.from_numpy(dither(clip, np.random.default_rng(i)))[None].to(device)
+        codes.append(codec.encode(wav)[0].to(torch.int16).cpu().numpy())
+        labels.append(idx)
+        bar.update(i + 1, {})
+    bar.close()
+    return np.stack(codes), np.asarray(labels, np.int64)
+
+
+def reword(text: str, rng: np.random.Generator) -> str:
+    """A variation of a prompt as users type them: words reordered, one or two left out."""
+    words = split_words(text)
+    if len(words) > 2 and rng.random() < 0.5:
+        del words[int(rng.integers(len(words)))]
+    if len(words) > 4 and rng.random() < 0.2:
+        del words[int(rng.integers(len(words)))]
+    if rng.random() < 0.5:
+        rng.shuffle(words)
+    elif len(words) > 1 and rng.random() < 0.5:
+        i = int(rng.integers(len(words) - 1))
+        words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words)
+
+
+def lm_batch(
+    codes: np.ndarray, labels: np.ndarray, prompts: list[str], cfg: LMTrainConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, list[str]]:
+    """Random crops ``[B, K, frames]`` of the corpus and their (possibly reworded, or empty) prompts."""
+    pick = rng.integers(0, len(codes), cfg.batch)
+    starts = rng.integers(0, codes.shape[-1] - cfg.frames + 1, cfg.batch)
+    crop = np.stack([codes[p, :, s : s + cfg.frames] for p, s in zip(pick, starts)]).astype(np.int64)
+    texts = []
+    for p in pick:
+        u = rng.random()
+        if u < cfg.cfg_dropout:
+            texts.append("")
+        elif u < cfg.cfg_dropout + cfg.text_variation * (1 - cfg.cfg_dropout):
+            texts.append(reword(prompts[labels[p]], rng))
+        else:
+            texts.append(prompts[labels[p]])
+    return torch.from_numpy(crop), texts
+
+
+def lm_loss(
+    lm: LM, text: TextEncoder, tok: WordTokenizer, codes: torch.Tensor, texts: list[str], window: int
+) -> tuple[torch.Tensor, list[float]]:
+    """Next-column cross-entropy on the delayed grid; returns (mean loss, per-codebook losses).
+
+    Input is the grid shifted right by one all-special column; targets equal
+    to the special token (the delay pattern's fill) are ignored.
+    """
+    special = lm.cfg.special
+    delays = list(range(lm.cfg.n_codebooks))
+    grid = apply_delay(codes, delays, special)  # [B, K, F + D]
+    bos = torch.full_like(grid[:, :, :1], special)
+    inputs = torch.cat([bos, grid[:, :, :-1]], dim=-1)
+    tokens, mask = tok(texts)
+    tokens, mask = tokens.to(codes.device), mask.to(codes.device)
+    empty = torch.tensor([not t for t in texts], device=codes.device)
+    mask = mask.masked_fill(empty[:, None], 0)
+    cross = text(tokens, mask) * (~empty)[:, None, None].to(torch.float32)
+    logits = lm(inputs, cross, mask, window=window)  # [B, K, T, card]
+    target = grid.masked_fill(grid == special, -100)
+    per_book = [
+        F.cross_entropy(logits[:, k].reshape(-1, lm.cfg.card), target[:, k].reshape(-1), ignore_index=-100)
+        for k in range(lm.cfg.n_codebooks)
+    ]
+    return torch.stack(per_book).mean(), [float(v.detach()) for v in per_book]
+
+
+def train_lm(
+    out: str | Path = DEFAULT_ROOT / "lm",
+    cfg: LMTrainConfig | None = None,
+    *,
+    codec_checkpoint: str | Path = DEFAULT_ROOT / "codec" / CHECKPOINT,
+    device: str = "auto",
+    fresh: bool = False,
+    quiet: bool = False,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) the LM and text encoder on the codec's tokens; returns the record."""
+    out = Path(out)
+    ckpt_path = out / CHECKPOINT
+    codec_checkpoint = Path(codec_checkpoint)
+    if not codec_checkpoint.exists():
+        raise TrainError(f"{codec_checkpoint}: no codec checkpoint; run `cicada train codec` first")
+    dev = pick_device(device)
+    state = None
+    if ckpt_path.exists() and not fresh:
+        state = load_checkpoint(ckpt_path)
+        cfg = LMTrainConfig(**state["config"])
+        log.info("resuming the LM from %s at step %d", ckpt_path, state["step"])
+    cfg = cfg or LMTrainConfig()
+    codec, codec_record = load_codec(codec_checkpoint)
+    digest = file_digest(codec_checkpoint)
+    if state is not None and state["codec_digest"] != digest:
+        raise TrainError(f"{ckpt_path} was trained on the tokens of another codec than {codec_checkpoint}; "
+                         "pass --fresh to train the LM again on this codec")
+
+    prompts = data.prompts()
+    corpus_path = out / f"corpus-{digest}-{cfg.seed}-{cfg.corpus_clips}x{cfg.corpus_seconds:g}s.npz"
+    if corpus_path.exists():
+        with np.load(corpus_path) as z:
+            codes, labels = z["codes"], z["labels"]
+    else:
+        codes, labels = encode_corpus(codec, cfg, dev, quiet)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = corpus_path.with_suffix(".tmp.npz")
+        np.savez(tmp, codes=codes, labels=labels)
+        os.replace(tmp, corpus_path)
+    if codes.shape[-1] < cfg.frames:
+        raise TrainError(f"corpus clips have {codes.shape[-1]} frames, fewer than --frames {cfg.frames}")
+
+    torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)
+    tok = WordTokenizer.build(prompts, length=cfg.text_len)
+    lcfg = LMConfig(n_codebooks=codec.cfg.n_codebooks, card=codec.cfg.codebook_size, **cfg.lm)
+    lm = LM(lcfg).to(dev).train()
+    text = TextEncoder(TextEncoderConfig(vocab_size=tok.vocab_size, max_len=cfg.text_len, **cfg.text)).to(dev).train()
+    params = list(lm.parameters()) + list(text.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    step, elapsed, smooth = 0, 0.0, Smoothed()
+    if state is not None:
+        lm.load_state_dict(state["lm"])
+        text.load_state_dict(state["text"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, smooth.values = state["step"], state["elapsed"], state["losses"]
+    record = dict(stage="lm", config=dataclasses.asdict(cfg), device=device_record(dev),
+                  command=command or "cicada train lm", commit=git_commit(), codec_digest=digest,
+                  codec_record=codec_record, corpus=dict(clips=int(len(codes)), frames=int(codes.shape[-1])))
+
+    def checkpoint() -> None:
+        record.update(step=step, elapsed_minutes=round(elapsed / 60, 2), losses=smooth.values)
+        save_atomic(dict(lm=lm.state_dict(), text=text.state_dict(), optimizer=opt.state_dict(), step=step,
+                         elapsed=elapsed, losses=smooth.values, config=dataclasses.asdict(cfg),
+                         lm_config=dataclasses.asdict(lcfg), text_config=dataclasses.asdict(text.cfg),
+                         tokenizer=tok.tokenizer.to_str(), codec_digest=digest, record=record), ckpt_path)
+
+    bar = Progress("lm", cfg.steps, step, quiet)
+    t0, last_ckpt = time.monotonic() - elapsed, time.monotonic()
+    try:
+        while step < cfg.steps:
+            if elapsed > cfg.minutes * 60:
+                log.warning("lm: the %.0f-minute cap stopped training at step %d of %d", cfg.minutes, step, cfg.steps)
+                break
+            rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11, step]))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+            batch, texts = lm_batch(codes, labels, prompts, cfg, rng)
+            loss, per_book = lm_loss(lm, text, tok, batch.to(dev), texts, window=cfg.context)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if not math.isfinite(float(loss.detach())):
+                raise TrainError(f"lm: the loss became {float(loss)} at step {step}; "
+                                 "resume from the last checkpoint with a lower --lr")
+            step += 1
+            bar.update(step, smooth.add(ce=float(loss.detach()), **{f"ce{k}": v for k, v in enumerate(per_book)}))
+            elapsed = time.monotonic() - t0
+            if time.monotonic() - last_ckpt > 120:
+                checkpoint()
+                last_ckpt = time.monotonic()
+    finally:
+        bar.close()
+        elapsed = time.monotonic() - t0
+        checkpoint()
+    log.info("lm: %d steps in %.1f min, losses %s -> %s", step, elapsed / 60, smooth.values, ckpt_path)
+    return record
+
+
+def load_lm(path: str | Path) -> tuple[LM, TextEncoder, WordTokenizer, dict[str, Any]]:
+    """The trained LM, text encoder and tokenizer (eval mode) and the record, from an LM checkpoint."""
+    from tokenizers import Tokenizer
+
+    state = load_checkpoint(Path(path), "lm")
+    if state.get("record", {}).get("stage") != "lm":
+        raise TrainError(f"{path}: not an LM checkpoint (run `cicada train lm` first)")
+    lm = LM(LMConfig(**state["lm_config"]))
+    lm.load_state_dict(state["lm"])
+    text = TextEncoder(TextEncoderConfig(**state["text_config"]))
+    text.load_state_dict(state["text"])
+    tok = WordTokenizer(Tokenizer.from_str(state["tokenizer"]))
+    return lm.eval(), text.eval(), tok, state["record"]
+
+
+# --------------------------------------------------------------------------- pack
+
+
+def export_pack(
+    out: str | Path = "packs/default",
+    *,
+    codec_checkpoint: str | Path = DEFAULT_ROOT / "codec" / CHECKPOINT,
+    lm_checkpoint: str | Path = DEFAULT_ROOT / "lm" / CHECKPOINT,
+    quantize: str = "int8",
+    overwrite: bool = False,
+    command: str | None = None,
+):
+    """Export the trained models as a pack with the whole training record in its manifest."""
+    from export.pack import pack_models
+
+    codec, codec_record = load_codec(codec_checkpoint)
+    lm, text, tok, lm_record = load_lm(lm_checkpoint)
+    if lm_record["codec_digest"] != file_digest(Path(codec_checkpoint)):
+        raise TrainError(f"{lm_checkpoint} was trained on another codec than {codec_checkpoint}; "
+                         "train the LM again (`cicada train lm --fresh`)")
+    cfg = LMTrainConfig(**lm_record["config"])
+    lm_record = {k: v for k, v in lm_record.items() if k != "codec_record"}
+    training = dict(
+        codec=dataclasses.asdict(codec.cfg),
+        lm=dataclasses.asdict(lm.cfg),
+        text_encoder=dataclasses.asdict(text.cfg),
+        codec_training=_tomlable(codec_record),
+        lm_training=_tomlable(lm_record),
+        export_command=command or "cicada train pack",
+        corpus="export/data.py procedural synthesizer, 22 food-sound prompts (export/prompts.txt)",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        return pack_models(
+            out,
+            codec=codec,
+            lm=lm,
+            text_encoder=text,
+            tokenizer_file=tok.save(Path(tmp) / "tokenizer.json"),
+            name="cicada-food",
+            description="cicada's own codec and LM, trained on the procedural corpus of the 22 food-sound prompts",
+            prompts=data.prompts(),
+            frames_per_step=1,
+            context=cfg.context,
+            text_len=cfg.text_len,
+            quantize=quantize,
+            source={"kind": "trained", "corpus": "export.data", "commit": git_commit() or "unknown"},
+            training=training,
+            overwrite=overwrite,
+            encoder=codec,
+        )
+
+
+def _tomlable(obj: Any) -> Any:
+    """Drop None values (TOML has no null) and make tuples lists, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): _tomlable(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list | tuple):
+        return [_tomlable(v) for v in obj if v is not None]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def _overrides(cfg: Any, args: Any, names: tuple[str, ...]) -> Any:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, name, value)
+    return cfg
+
+
+def run_cli(args: Any) -> int:
+    """``cicada train codec|lm|pack|all`` (parsed by engine.cli)."""
+    logging.getLogger("cicada").setLevel(logging.INFO)
+    command = command_line()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    common = ("steps", "minutes", "batch", "lr", "seed")
+    if args.stage in ("codec", "all"):
+        out = args.runs / "codec" if args.stage == "all" else args.out
+        cfg = _overrides(CodecTrainConfig(), args, common)
+        rec = train_codec(out, cfg, device=args.device, fresh=args.fresh, command=command)
+        print(f"codec: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
+              f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
+    if args.stage in ("lm", "all"):
+        out = args.runs / "lm" if args.stage == "all" else args.out
+        codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
+        cfg = _overrides(LMTrainConfig(), args, (*common, "context"))
+        rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
+        print(f"lm: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
+              f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
+    if args.stage in ("pack", "all"):
+        codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
+        lm = args.runs / "lm" / CHECKPOINT if args.stage == "all" else args.lm
+        pack = export_pack(args.out, codec_checkpoint=codec, lm_checkpoint=lm,
+                           quantize=getattr(args, "quantize", "int8"), overwrite=args.force, command=command)
+        size = sum(f.stat().st_size for f in pack.path.iterdir()) / 1e6
+        print(f"wrote {pack.path} ({size:.1f} MB)")
+    return 0
+
+
+def _fmt(losses: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
+
+
+def command_line() -> str:
+    return "cicada " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+__all__ = [
+    "CodecTrainConfig", "LMTrainConfig", "TrainError", "train_codec", "train_lm", "export_pack", "load_codec",
+    "load_lm", "encode_corpus", "reword", "spectral_loss", "pick_device", "command_line",
+]
