@@ -209,6 +209,60 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_EXTRAS = "cicada eval needs the export extras: pip install -e '.[export]'"
+
+
+@_app_errors
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        import matplotlib  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        print(f"cicada: {EVAL_EXTRAS}", file=sys.stderr)
+        return EXIT_USAGE
+    from engine.app import pack_path
+    from export.evaluate import evaluate, pack_reconstructor
+
+    pack = pack_path(args.pack)
+    packfmt.load(pack, check_graphs=False)  # a bad pack fails here, in one line, before the classifier is fitted
+    result = evaluate(pack, clips_per_prompt=args.clips, seconds=args.seconds, seed=args.seed, out_dir=args.out,
+                      codec=pack_reconstructor(pack), progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(result, default=float))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"text match: {Path(result['pack']).name}, {result['clips_per_prompt']} x "
+                        f"{result['seconds']:g} s per prompt (seed {result['seed']})")
+    table.add_column("#", justify="right")
+    table.add_column("prompt")
+    table.add_column("match", justify="right")
+    table.add_column("heard as", justify="right")
+    names = result["prompts"]
+    for prompt, acc in result["per_prompt"].items():
+        row = result["confusion"][names.index(prompt)]
+        style = "green" if acc >= 0.999 else ("red" if acc <= 0.001 else "yellow")
+        table.add_row(str(names.index(prompt)), prompt, f"[{style}]{acc:.0%}[/{style}]",
+                      str(max(range(len(row)), key=row.__getitem__)))
+    console = Console()
+    console.print(table)
+
+    def fmt(v: float | None, unit: str) -> str:
+        return "n/a" if v is None else f"{v:.2f} {unit}"
+
+    console.print(f"text match   mean {result['text_match_mean']:.1%}   min {result['text_match_min']:.1%}   "
+                  f"(mean probability of the asked prompt {result['text_match_prob_mean']:.1%})")
+    console.print(f"classifier   held-out accuracy {result['classifier_heldout_accuracy']:.1%} on the procedural corpus")
+    console.print(f"codec        SI-SNR {fmt(result['si_snr_db'], 'dB')}   mel distance {fmt(result['mel_distance'], 'dB')}"
+                  + ("   (the pack has no encoder.onnx)" if result["codec"] is None else ""))
+    console.print(f"confusion    {result['confusion_png']}")
+    console.print(f"took         {result['seconds_taken']:.1f} s")
+    return 0
+
+
 def _positive(kind: type):
     def parse(text: str):
         try:
@@ -220,6 +274,16 @@ def _positive(kind: type):
         return v
 
     return parse
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _need_export_extra()
+    from export import train
+
+    try:
+        return train.run_cli(args)
+    except (train.TrainError, FileExistsError) as exc:
+        raise UserError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +353,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output file (.wav or .flac)")
     p.set_defaults(func=_cmd_render)
 
+    tr = sub.add_parser("train", help="train cicada's own codec and LM on the procedural corpus, then pack them")
+    trs = tr.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps (default: the stage's)")
+    run.add_argument("--minutes", type=_positive(float), default=None, help="wall-clock cap for the stage (default 60)")
+    run.add_argument("--batch", type=_positive(int), default=None, help="batch size (default: the stage's)")
+    run.add_argument("--lr", type=_positive(float), default=None, help="peak learning rate")
+    run.add_argument("--seed", type=int, default=0, help="seed for weights, corpus and batches (default 0)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device (default auto)")
+    run.add_argument("--fresh", action="store_true", help="start over instead of resuming the checkpoint")
+    run.add_argument("--threads", type=_positive(int), default=None,
+                     help="CPU threads for torch (default: all cores; 1 is faster on a busy machine)")
+    root = Path("out/train")
+    p = trs.add_parser("codec", parents=[run], help="the causal stereo codec (resumable)")
+    p.add_argument("--out", type=Path, default=root / "codec", help="run folder (default out/train/codec)")
+    p.set_defaults(func=_cmd_train)
+    p = trs.add_parser("lm", parents=[run], help="the LM and text encoder on the codec's tokens (resumable)")
+    p.add_argument("--out", type=Path, default=root / "lm", help="run folder (default out/train/lm)")
+    p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
+    p.add_argument("--context", type=_positive(int), default=None, help="ring-cache frames of the pack (default 150)")
+    p.set_defaults(func=_cmd_train)
+    p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
+    p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
+    p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
+    p.add_argument("--lm", type=Path, default=root / "lm" / "checkpoint.pt", help="LM checkpoint")
+    p.add_argument("--quantize", choices=["none", "int8"], default="int8", help="LM weights (default int8)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_train)
+    p = trs.add_parser("all", parents=[run], help="codec, then LM, then the pack, each at its defaults")
+    p.add_argument("--runs", type=Path, default=root, help="folder for the two run folders (default out/train)")
+    p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("devices", help="list sound devices and JACK ports")
     p.set_defaults(func=_cmd_devices)
 
@@ -301,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compare", action="store_true", help="skip the PyTorch / transformers reference runs")
     p.add_argument("--no-transformers", action="store_true", help="skip only the transformers reference")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("eval", help="how well a pack follows its prompts (text-sound match) and its codec metrics")
+    p.add_argument("--pack", type=Path, default=None, help="pack folder (default: packs/default or $CICADA_PACK)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--clips", type=_positive(int), default=2, help="clips per prompt (default 2)")
+    p.add_argument("--seconds", type=_positive(float), default=10.0, help="length of each clip (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first clip of each prompt (default 0)")
+    p.add_argument("--out", type=Path, default=Path("out") / "eval",
+                   help="folder for confusion.png and the cached classifier (default out/eval)")
+    p.set_defaults(func=_cmd_eval)
     return ap
 
 

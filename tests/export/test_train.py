@@ -1,0 +1,164 @@
+"""Training: tiny models through every stage, resume, the exported pack and its encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli import main
+from export import train
+
+
+def tiny_codec_cfg(steps: int) -> train.CodecTrainConfig:
+    cfg = train.CodecTrainConfig(steps=steps, batch=2, segment=0.1, warmup=2, dead_code_every=2)
+    cfg.codec.update(n_filters=4, dimension=16, lstm_layers=1, codebook_size=32, ratios=[8, 5, 4, 4])
+    return cfg
+
+
+def tiny_lm_cfg(steps: int) -> train.LMTrainConfig:
+    cfg = train.LMTrainConfig(steps=steps, batch=4, frames=20, context=12, warmup=2, lr=3e-3,
+                              corpus_clips=1, corpus_seconds=0.6, text_len=20)
+    cfg.lm.update(dim=32, layers=2, heads=2, ffn_dim=64)
+    cfg.text.update(dim=32, layers=1, heads=2, ffn_dim=64)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A codec and an LM trained for a few steps (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("train")
+    train.train_codec(root / "codec", tiny_codec_cfg(4), device="cpu", quiet=True)
+    train.train_lm(root / "lm", tiny_lm_cfg(6), codec_checkpoint=root / "codec" / train.CHECKPOINT,
+                   device="cpu", quiet=True)
+    return root
+
+
+def test_codec_checkpoint_resumes_where_it_stopped(tmp_path: Path) -> None:
+    rec = train.train_codec(tmp_path, tiny_codec_cfg(2), device="cpu", quiet=True)
+    assert rec["step"] == 2 and rec["device"].startswith("cpu")
+    first = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)
+    # Resuming reads the config from the checkpoint; more steps continue from step 2.
+    state = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)
+    state["config"]["steps"] = 3
+    torch.save(state, tmp_path / train.CHECKPOINT)
+    rec = train.train_codec(tmp_path, None, device="cpu", quiet=True)
+    assert rec["step"] == 3
+    assert set(rec["losses"]) == {"spectral", "wave", "commit"}
+    second = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)
+    assert second["step"] == 3 and second["elapsed"] >= first["elapsed"]
+    changed = [k for k, v in first["model"].items() if v.is_floating_point() and not torch.equal(v, second["model"][k])]
+    assert changed  # the third step trained the weights further
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_same_seed_same_codec(tmp_path: Path) -> None:
+    a = train.train_codec(tmp_path / "a", tiny_codec_cfg(2), device="cpu", quiet=True)
+    b = train.train_codec(tmp_path / "b", tiny_codec_cfg(2), device="cpu", quiet=True)
+    assert a["losses"] == b["losses"]
+    sa = torch.load(tmp_path / "a" / train.CHECKPOINT, weights_only=False)["model"]
+    sb = torch.load(tmp_path / "b" / train.CHECKPOINT, weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_spectral_loss_is_zero_for_equal_audio_and_grows_with_error() -> None:
+    x = torch.randn(2, 2, 4000) * 0.1
+    assert float(train.spectral_loss(x, x)) < 1e-4
+    small = float(train.spectral_loss(x, x + 0.01 * torch.randn_like(x)))
+    large = float(train.spectral_loss(x, x + 0.1 * torch.randn_like(x)))
+    assert 0 < small < large
+
+
+def test_reword_keeps_the_prompt_words() -> None:
+    from export.conditioner import split_words
+
+    rng = np.random.default_rng(0)
+    prompt = "Continuous, deep, spatial and gloomy"
+    words = set(split_words(prompt))
+    variants = {train.reword(prompt, rng) for _ in range(50)}
+    assert len(variants) > 5
+    for v in variants:
+        assert set(v.split()) <= words and len(v.split()) >= len(words) - 2
+
+
+def test_lm_training_lowers_the_loss(runs: Path) -> None:
+    state = torch.load(runs / "lm" / train.CHECKPOINT, weights_only=False)
+    rec = state["record"]
+    assert rec["step"] == 6 and rec["corpus"]["clips"] == 22
+    # The first step's loss is about log(card); six steps at a high rate bring it down.
+    assert rec["losses"]["ce"] < np.log(32) + 0.1
+    lm, text, tok, _ = train.load_lm(runs / "lm" / train.CHECKPOINT)
+    assert lm.cfg.card == 32 and tok.vocab_size > 22
+
+
+def test_lm_refuses_a_checkpoint_of_another_codec(runs: Path, tmp_path: Path) -> None:
+    other = tmp_path / "codec"
+    train.train_codec(other, tiny_codec_cfg(1), device="cpu", quiet=True)
+    with pytest.raises(train.TrainError, match="another codec"):
+        train.train_lm(runs / "lm", None, codec_checkpoint=other / train.CHECKPOINT, device="cpu", quiet=True)
+
+
+def test_exported_pack_runs_and_its_encoder_matches_torch(runs: Path, tmp_path: Path) -> None:
+    from engine.generator import Generator, GenParams
+    from engine.sampling import SamplingParams
+
+    out = tmp_path / "pack"
+    pack = train.export_pack(out, codec_checkpoint=runs / "codec" / train.CHECKPOINT,
+                             lm_checkpoint=runs / "lm" / train.CHECKPOINT, quantize="none")
+    assert pack.encoder is not None and pack.lm["context"] == 12
+    tr = pack.info["training"]
+    assert tr["lm"]["layers"] == 2 and tr["codec_training"]["step"] == 4 and "losses" in tr["lm_training"]
+    assert tr["lm_training"]["device"].startswith("cpu")
+
+    codec, _ = train.load_codec(runs / "codec" / train.CHECKPOINT)
+    from export.data import synth
+
+    clip = synth(5, 1.0, seed=3)
+    n = pack.encoder.inputs[0].shape[-1]
+    padded = np.zeros((1, 2, n), np.float32)
+    padded[0, :, : clip.shape[1]] = clip
+    session = pack.session(pack.encoder)
+    codes = session.run(["codes"], {"audio": padded})[0]
+    with torch.no_grad():
+        want = codec.encode(torch.from_numpy(clip)[None]).numpy()
+    frames = want.shape[-1]
+    assert (codes[..., :frames] == want).mean() > 0.99  # argmin ties may differ in the last ulp
+
+    from export.evaluate import codec_metrics, pack_reconstructor
+
+    reconstruct = pack_reconstructor(out)
+    assert reconstruct is not None and reconstruct.latency_samples == 0  # a causal codec
+    y = reconstruct(clip)
+    assert y.shape == clip.shape and np.isfinite(y).all()
+    with torch.no_grad():  # the engine's streaming decode of the encoder's codes == torch's offline round trip
+        offline = codec.decode(torch.from_numpy(codes[..., :frames])).numpy()[0, :, : clip.shape[1]]
+    assert np.abs(y - offline).max() < 1e-3
+    metrics = codec_metrics(reconstruct, clips_per_prompt=1, seconds=0.5)
+    assert np.isfinite(metrics["si_snr_db"]) and metrics["mel_distance"] > 0
+
+    gen = Generator(pack, seed=1, params=GenParams(prompt=pack.prompts[2], sampling=SamplingParams(1.0)))
+    block = np.concatenate([gen.next_block().copy() for _ in range(5)], axis=-1)
+    assert block.shape[0] == 2 and np.isfinite(block).all()
+
+
+def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "pack", "--codec", str(tmp_path / "none.pt"), "--out", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "cicada train codec" in err and "Traceback" not in err
+    assert main(["train", "lm", "--codec", str(tmp_path / "none.pt"), "--out", str(tmp_path / "lm")]) == 1
+    assert "no codec checkpoint" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "codec", "--device", "cuda", "--out", str(tmp_path / "c")]) == 1
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["train", "codec", "--steps", "1", "--batch", "1", "--threads", "1", "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "codec: step 1" in out and (tmp_path / "c" / train.CHECKPOINT).exists()
+
+
+def test_configs_are_plain_data() -> None:
+    for cfg in (train.CodecTrainConfig(), train.LMTrainConfig()):
+        d = dataclasses.asdict(cfg)
+        assert type(cfg)(**d) == cfg
