@@ -23,6 +23,7 @@ trained each stage.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from export import data
-from export.codec import Codec, CodecConfig
+from export.codec import Codec, CodecConfig, QuantizerOutput
 from export.conditioner import TextEncoder, TextEncoderConfig, WordTokenizer, split_words
 from export.lm import LM, LMConfig, apply_delay
 
@@ -69,14 +70,15 @@ class CodecTrainConfig:
     """
 
     seed: int = 0
-    steps: int = 2000
+    steps: int = 2400
     minutes: float = 60.0  # wall-clock cap for this stage
     batch: int = 8
     segment: float = 0.4  # seconds per training example
     lr: float = 1e-3
     warmup: int = 100
     wave_weight: float = 0.1
-    commit_weight: float = 1.0
+    commit_weight: float = 0.1
+    vq_warmup: int = 300  # steps trained as a plain autoencoder before the codebooks start
     dead_code_every: int = 10
     codec: dict[str, Any] = field(
         default_factory=lambda: dict(
@@ -114,7 +116,7 @@ class LMTrainConfig:
     lm: dict[str, Any] = field(
         default_factory=lambda: dict(dim=256, layers=8, heads=8, ffn_dim=1024, positions="rotary")
     )
-    text: dict[str, Any] = field(default_factory=lambda: dict(dim=256, layers=2, heads=4, ffn_dim=1024))
+    text: dict[str, Any] = field(default_factory=lambda: dict(dim=256, layers=1, heads=4, ffn_dim=512))
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -229,20 +231,48 @@ def stft_mag(x: torch.Tensor, n_fft: int) -> torch.Tensor:
     return spec.abs().clamp_min(1e-7)
 
 
-def spectral_loss(x: torch.Tensor, y: torch.Tensor, scales: tuple[int, ...] = (2048, 1024, 512, 256, 128)) -> torch.Tensor:
-    """Multi-resolution STFT loss between reference ``x`` and estimate ``y`` (``[B, C, T]``).
+@functools.lru_cache(maxsize=32)
+def mel_matrix(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
+    """Triangular mel filters (HTK mel scale) ``[n_mels, n_fft // 2 + 1]``, each normalised to unit area."""
+    def mel(f: np.ndarray) -> np.ndarray:
+        return 2595.0 * np.log10(1.0 + f / 700.0)
 
-    Per scale and channel: L1 between log magnitudes plus spectral convergence
-    ``||X - Y||_F / ||X||_F``; averaged over scales. Channels are compared
-    separately, so a wrong stereo balance costs as much as a wrong spectrum.
+    def hz(m: np.ndarray) -> np.ndarray:
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    edges = hz(np.linspace(mel(np.array(0.0)), mel(np.array(sample_rate / 2)), n_mels + 2))
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up = (freqs[None] - lo) / np.maximum(mid - lo, 1e-9)
+    down = (hi - freqs[None]) / np.maximum(hi - mid, 1e-9)
+    fb = np.clip(np.minimum(up, down), 0.0, None)
+    fb /= np.maximum(fb.sum(1, keepdims=True), 1e-9)
+    return torch.from_numpy(fb.astype(np.float32))
+
+
+MEL_SCALES: tuple[tuple[int, int], ...] = ((2048, 80), (1024, 64), (512, 40), (256, 20), (128, 10), (64, 5))
+"""(n_fft, mel bands) of the spectral loss: long windows resolve pitch, short ones transients."""
+
+
+def spectral_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int = data.SAMPLE_RATE) -> torch.Tensor:
+    """Multi-resolution spectral loss between reference ``x`` and estimate ``y`` (``[B, C, T]``).
+
+    Per scale and channel: L1 between log10 mel energies (floor 1e-5, so
+    inaudible detail costs nothing) plus spectral convergence of the linear
+    magnitudes ``||X - Y||_F / ||X||_F``; averaged over scales. Channels are
+    compared separately, so a wrong stereo balance costs as much as a wrong
+    spectrum. Mel bands put as much weight below 500 Hz as above 4 kHz, which
+    is where a young codec's errors (low rumble, missing air) hide.
     """
     xs, ys = x.flatten(0, 1), y.flatten(0, 1)
     total = x.new_zeros(())
-    for n in scales:
-        mx, my = stft_mag(xs, n), stft_mag(ys, n)
-        total = total + (mx.log() - my.log()).abs().mean()
+    for n_fft, n_mels in MEL_SCALES:
+        mx, my = stft_mag(xs, n_fft), stft_mag(ys, n_fft)
+        fb = mel_matrix(n_fft, n_mels, sample_rate).to(x.device)
+        ex, ey = fb @ mx.pow(2), fb @ my.pow(2)
+        total = total + (ex.clamp_min(1e-5).log10() - ey.clamp_min(1e-5).log10()).abs().mean()
         total = total + torch.linalg.vector_norm(mx - my) / torch.linalg.vector_norm(mx).clamp_min(1e-7)
-    return total / len(scales)
+    return total / len(MEL_SCALES)
 
 
 def codec_batch(step: int, seed: int, batch: int, seconds: float, sample_rate: int) -> np.ndarray:
@@ -263,6 +293,39 @@ def dither(x: np.ndarray, rng: np.random.Generator, level: float = 1e-4) -> np.n
     """Add white noise at -80 dBFS. Exact digital silence in a batch makes the
     CPU backward pass 5-10x slower (denormal floats); this keeps it at speed."""
     return (x + level * rng.standard_normal(x.shape, dtype=np.float32)).astype(np.float32)
+
+
+@torch.no_grad()
+def signal_preserving_init(codec: Codec, seed: int) -> None:
+    """Re-draw every convolution so a signal keeps its scale through the stack (biases zero).
+
+    PyTorch's default conv init shrinks activations by about sqrt(3) per
+    layer; after the 15-odd layers of a SEANet encoder the latent is mostly
+    bias and hardly depends on the input, and training spends its first
+    thousands of steps undoing that. Weights here are drawn with variance
+    1 / fan_in (the ELUs are near-linear at these levels), which lets the
+    codec learn from the first step. Weight-normed layers get their direction
+    and norm set to match.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for m in codec.modules():
+        if not isinstance(m, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
+            continue
+        transposed = isinstance(m, torch.nn.ConvTranspose1d)
+        w = m.weight
+        fan_in = (w.shape[0] if transposed else w.shape[1]) * w.shape[2]
+        if transposed:  # each output sample sums kernel / stride taps
+            fan_in = w.shape[0] * max(1, w.shape[2] // m.stride[0])
+        new = torch.randn(w.shape, generator=gen) / math.sqrt(fan_in)
+        if hasattr(m, "parametrizations") and "weight" in m.parametrizations:
+            p = m.parametrizations.weight
+            dims = tuple(d for d in range(new.dim()) if p.original0.shape[d] == 1)
+            p.original1.copy_(new)
+            p.original0.copy_(torch.linalg.vector_norm(new, dim=dims, keepdim=True))
+        else:
+            m.weight.copy_(new)
+        if m.bias is not None:
+            m.bias.zero_()
 
 
 @torch.no_grad()
@@ -311,7 +374,9 @@ def train_codec(
     cfg = cfg or CodecTrainConfig()
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # decaying tails and fades are denormal floats: 5-10x slower on CPU
-    codec = Codec(CodecConfig(**cfg.codec)).to(dev).train()
+    codec = Codec(CodecConfig(**cfg.codec))
+    signal_preserving_init(codec, cfg.seed)
+    codec = codec.to(dev).train()
     opt = torch.optim.Adam(codec.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     step, elapsed, smooth = 0, 0.0, Smoothed()
     if state is not None:
@@ -338,20 +403,27 @@ def train_codec(
                 g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
             x = torch.from_numpy(codec_batch(step, cfg.seed, cfg.batch, cfg.segment, sr)).to(dev)
             z = codec.encoder(x)
-            qo = codec.quantizer(z)
+            if step < cfg.vq_warmup:
+                # Plain autoencoder first: with codebooks from the start, the commitment loss
+                # pulls the young encoder's output to a point and the decoder learns to
+                # ignore it. The codebooks are seeded from the warmed-up latents.
+                codec.quantizer.inited.fill_(False)
+                qo = QuantizerOutput(z, z.new_zeros((), dtype=torch.int64), z.new_zeros(()))
+            else:
+                qo = codec.quantizer(z)
             y = codec.decoder(qo.quantized)[..., : x.shape[-1]]
-            spec = spectral_loss(x, y)
+            spec = spectral_loss(x, y, sr)
             wave = (x - y).abs().mean()
             loss = spec + cfg.wave_weight * wave + cfg.commit_weight * qo.commit_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(codec.parameters(), 10.0)  # a guard only: typical norms are 2-5
             opt.step()
             if not math.isfinite(float(loss.detach())):
                 raise TrainError(f"codec: the loss became {float(loss)} at step {step}; "
                                  "resume from the last checkpoint with a lower --lr")
             step += 1
-            if cfg.dead_code_every and step % cfg.dead_code_every == 0:
+            if cfg.dead_code_every and step > cfg.vq_warmup and step % cfg.dead_code_every == 0:
                 replace_dead_codes(codec, z.detach(), 0.05)
             losses = smooth.add(spectral=float(spec.detach()), wave=float(wave.detach()), commit=float(qo.commit_loss.detach()))
             bar.update(step, losses)
