@@ -170,6 +170,14 @@ def git_commit() -> str | None:
         return None
 
 
+def resumed(saved: Any, asked: Any | None) -> Any:
+    """The config of a resumed run: everything from the checkpoint except ``steps`` and ``minutes``,
+    which the caller may raise (train longer) or lower (stop sooner)."""
+    if asked is not None:
+        saved.steps, saved.minutes = asked.steps, asked.minutes
+    return saved
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -369,8 +377,8 @@ def train_codec(
     state = None
     if ckpt_path.exists() and not fresh:
         state = load_checkpoint(ckpt_path)
-        cfg = CodecTrainConfig(**state["config"])
-        log.info("resuming the codec from %s at step %d", ckpt_path, state["step"])
+        cfg = resumed(CodecTrainConfig(**state["config"]), cfg)
+        log.info("resuming the codec from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or CodecTrainConfig()
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # decaying tails and fades are denormal floats: 5-10x slower on CPU
@@ -558,8 +566,8 @@ def train_lm(
     state = None
     if ckpt_path.exists() and not fresh:
         state = load_checkpoint(ckpt_path)
-        cfg = LMTrainConfig(**state["config"])
-        log.info("resuming the LM from %s at step %d", ckpt_path, state["step"])
+        cfg = resumed(LMTrainConfig(**state["config"]), cfg)
+        log.info("resuming the LM from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or LMTrainConfig()
     codec, codec_record = load_codec(codec_checkpoint)
     digest = file_digest(codec_checkpoint)

@@ -50,8 +50,9 @@ case "$job" in
     exec .venv/bin/python -m pytest -q "$@"
     ;;
   run)
-    # Sound from the default pack and preset. Until a trained pack ships in
-    # packs/default, build a random-weight pack of the default architecture.
+    # Sound from the default pack and preset. Without packs/default (a
+    # checkout that left it out), build a random-weight pack of the default
+    # architecture so the engine still runs.
     pack_args=()
     if [ ! -f packs/default/manifest.toml ] && [ -z "${CICADA_PACK:-}" ]; then
       out="out/packs/tiny-random"
