@@ -258,6 +258,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     console.print(f"classifier   held-out accuracy {result['classifier_heldout_accuracy']:.1%} on the procedural corpus")
     console.print(f"codec        SI-SNR {fmt(result['si_snr_db'], 'dB')}   mel distance {fmt(result['mel_distance'], 'dB')}"
                   + ("   (the pack has no encoder.onnx)" if result["codec"] is None else ""))
+    if result["codec"] is not None:
+        console.print(f"codec ceiling {result['codec_recognised']:.1%} of the codec's own reconstructions of "
+                      f"held-out clips are heard as their prompt; the LM's clips are heard like them "
+                      f"{result['lm_agrees_with_codec']:.1%} of the time")
     console.print(f"confusion    {result['confusion_png']}")
     console.print(f"took         {result['seconds_taken']:.1f} s")
     return 0

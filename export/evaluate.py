@@ -680,8 +680,15 @@ def codec_metrics(
     *,
     latency_samples: int = 0,
     sample_rate: int | None = None,
+    classifier: SoundClassifier | None = None,
 ) -> dict[str, Any]:
     """Reconstruction quality of a codec on held-out corpus clips.
+
+    With a ``classifier``, each reconstruction also goes through the engine's
+    output stage (DC blocker, limiter: what a listener would hear of those
+    codes) and is labelled: ``"recognised"`` is the fraction labelled as its
+    own prompt (the ceiling of any LM's text-sound match with this codec) and
+    ``"heard_as"`` maps each prompt to the labels of its reconstructions.
 
     ``reconstruct`` maps a clip ``[C, N]`` (float32, at ``sample_rate``, default ``export.data.SAMPLE_RATE``)
     to its reconstruction ``[C, N']``; the reconstruction is advanced by ``latency_samples`` and both are
@@ -695,18 +702,36 @@ def codec_metrics(
     sr = int(sample_rate or data.SAMPLE_RATE)
     names = data.prompts()
     per: dict[int, list[tuple[float, float]]] = {}
+    heard: dict[int, list[int]] = {}
     for index, clip in data.corpus(seed, clips_per_prompt, seconds, sample_rate=sr):
         est = np.asarray(reconstruct(clip))
         per.setdefault(index, []).append((si_snr_db(clip, est, latency_samples),
                                           mel_distance(clip, est, sr, latency_samples)))
+        if classifier is not None:
+            heard.setdefault(index, []).append(classifier.predict(_output_stage(est, sr), sr))
     allv = np.array([v for vs in per.values() for v in vs], np.float64).reshape(-1, 2)
+    extra: dict[str, Any] = {}
+    if classifier is not None:
+        extra["recognised"] = float(np.mean([lab == i for i, labs in heard.items() for lab in labs]))
+        extra["heard_as"] = {names[i]: [int(x) for x in labs] for i, labs in heard.items()}
     return {
+        **extra,
         "si_snr_db": float(allv[:, 0].mean()) if allv.size else None,
         "mel_distance": float(allv[:, 1].mean()) if allv.size else None,
         "per_prompt": {names[i]: {"si_snr_db": float(np.mean([v[0] for v in vs])),
                                   "mel_distance": float(np.mean([v[1] for v in vs]))} for i, vs in per.items()},
         "clips": int(allv.shape[0]),
     }
+
+
+def _output_stage(audio: np.ndarray, sample_rate: int, block: int = 640) -> np.ndarray:
+    """``audio [C, N]`` through a fresh engine output stage (DC blocker, gain 0 dB, limiter)."""
+    from engine.post import OutputSafety
+
+    post = OutputSafety(sample_rate, audio.shape[0])
+    audio = np.ascontiguousarray(audio, np.float32)
+    return np.concatenate([post.process(np.ascontiguousarray(audio[:, s : s + block])).copy()
+                           for s in range(0, audio.shape[1], block)], axis=1)
 
 
 def pack_reconstructor(pack_dir: str | os.PathLike[str]) -> Reconstructor | None:
@@ -945,7 +970,17 @@ def evaluate(
     if codec is not None:
         say("codec metrics")
         codec_result = codec_metrics(codec, latency_samples=int(getattr(codec, "latency_samples", 0)),
-                                     sample_rate=renderer.sample_rate)
+                                     sample_rate=renderer.sample_rate, clips_per_prompt=2, seconds=6.0,
+                                     classifier=clf)
+        # Does the LM make each prompt's family, as far as the codec can render it? Compare the labels
+        # of its clips with the labels of the codec's own reconstructions of that family.
+        agree = []
+        for p in prompts:
+            labs = codec_result["heard_as"].get(p, [])
+            if labs:
+                usual = max(set(labs), key=labs.count)
+                agree.append(confusion[known[p], usual] / clips_per_prompt)
+        codec_result["lm_agreement"] = float(np.mean(agree)) if agree else None
     return {
         "pack": str(pack.path),
         "text_match_mean": float(acc.mean()),
@@ -958,6 +993,8 @@ def evaluate(
         "classifier_heldout_accuracy": clf.heldout_accuracy,
         "si_snr_db": None if codec_result is None else codec_result["si_snr_db"],
         "mel_distance": None if codec_result is None else codec_result["mel_distance"],
+        "codec_recognised": None if codec_result is None else codec_result["recognised"],
+        "lm_agrees_with_codec": None if codec_result is None else codec_result["lm_agreement"],
         "codec": codec_result,
         "confusion_png": str(png),
         "clips_per_prompt": int(clips_per_prompt),
