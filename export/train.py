@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,63 @@ class Smoothed:
         return dict(self.values)
 
 
+# --------------------------------------------------------------------------- the loop both stages share
+
+
+StepFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Loop:
+    """Where a stage stands (saved in its checkpoint) and the optimisation loop both stages run.
+
+    ``step_fn(step) -> (loss, losses to show)`` builds the batch of ``step``
+    and its loss; ``after(step)`` runs after the optimizer step (e.g. dead-code
+    replacement); ``checkpoint()`` saves the stage, every two minutes and at the
+    end, however the loop ends (done, the time cap, Ctrl-C, an error).
+    """
+
+    stage: str
+    step: int = 0
+    elapsed: float = 0.0  # seconds trained, over all runs of this stage
+    smooth: Smoothed = field(default_factory=Smoothed)
+
+    def run(self, cfg: Any, opt: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float,
+            step_fn: StepFn, checkpoint: Callable[[], None], quiet: bool,
+            after: Callable[[int], None] | None = None) -> None:
+        bar = Progress(self.stage, cfg.steps, self.step, quiet)
+        t0, last_ckpt = time.monotonic() - self.elapsed, time.monotonic()
+        try:
+            while self.step < cfg.steps:
+                if self.elapsed > cfg.minutes * 60:
+                    log.warning("%s: the %.0f-minute cap stopped training at step %d of %d",
+                                self.stage, cfg.minutes, self.step, cfg.steps)
+                    break
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup)
+                loss, losses = step_fn(self.step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+                opt.step()
+                if not math.isfinite(float(loss.detach())):
+                    raise TrainError(f"{self.stage}: the loss became {float(loss.detach())} at step {self.step}; "
+                                     "resume from the last checkpoint with a lower --lr")
+                self.step += 1
+                if after is not None:
+                    after(self.step)
+                bar.update(self.step, self.smooth.add(**losses))
+                self.elapsed = time.monotonic() - t0
+                if time.monotonic() - last_ckpt > 120:
+                    checkpoint()
+                    last_ckpt = time.monotonic()
+        finally:
+            bar.close()
+            self.elapsed = time.monotonic() - t0
+            checkpoint()
+        log.info("%s: %d steps in %.1f min, losses %s", self.stage, self.step, self.elapsed / 60, self.smooth.values)
+
+
 # --------------------------------------------------------------------------- codec
 
 
@@ -386,64 +444,46 @@ def train_codec(
     signal_preserving_init(codec, cfg.seed)
     codec = codec.to(dev).train()
     opt = torch.optim.Adam(codec.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    step, elapsed, smooth = 0, 0.0, Smoothed()
+    loop = Loop("codec")
     if state is not None:
         codec.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step, elapsed, smooth.values = state["step"], state["elapsed"], state["losses"]
+        loop.step, loop.elapsed, loop.smooth.values = state["step"], state["elapsed"], state["losses"]
     sr = codec.cfg.sample_rate
     record = dict(stage="codec", config=dataclasses.asdict(cfg), device=device_record(dev),
                   command=command or "cicada train codec", commit=git_commit())
+    latent: list[torch.Tensor] = []
 
     def checkpoint() -> None:
-        record.update(step=step, elapsed_minutes=round(elapsed / 60, 2), losses=smooth.values)
-        save_atomic(dict(model=codec.state_dict(), optimizer=opt.state_dict(), step=step, elapsed=elapsed,
-                         losses=smooth.values, config=dataclasses.asdict(cfg), record=record), ckpt_path)
+        record.update(step=loop.step, elapsed_minutes=round(loop.elapsed / 60, 2), losses=loop.smooth.values)
+        save_atomic(dict(model=codec.state_dict(), optimizer=opt.state_dict(), step=loop.step, elapsed=loop.elapsed,
+                         losses=loop.smooth.values, config=dataclasses.asdict(cfg), record=record), ckpt_path)
 
-    bar = Progress("codec", cfg.steps, step, quiet)
-    t0, last_ckpt = time.monotonic() - elapsed, time.monotonic()
-    try:
-        while step < cfg.steps:
-            if elapsed > cfg.minutes * 60:
-                log.warning("codec: the %.0f-minute cap stopped training at step %d of %d", cfg.minutes, step, cfg.steps)
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-            x = torch.from_numpy(codec_batch(step, cfg.seed, cfg.batch, cfg.segment, sr)).to(dev)
-            z = codec.encoder(x)
-            if step < cfg.vq_warmup:
-                # Plain autoencoder first: with codebooks from the start, the commitment loss
-                # pulls the young encoder's output to a point and the decoder learns to
-                # ignore it. The codebooks are seeded from the warmed-up latents.
-                codec.quantizer.inited.fill_(False)
-                qo = QuantizerOutput(z, z.new_zeros((), dtype=torch.int64), z.new_zeros(()))
-            else:
-                qo = codec.quantizer(z)
-            y = codec.decoder(qo.quantized)[..., : x.shape[-1]]
-            spec = spectral_loss(x, y, sr)
-            wave = (x - y).abs().mean()
-            loss = spec + cfg.wave_weight * wave + cfg.commit_weight * qo.commit_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(codec.parameters(), 10.0)  # a guard only: typical norms are 2-5
-            opt.step()
-            if not math.isfinite(float(loss.detach())):
-                raise TrainError(f"codec: the loss became {float(loss)} at step {step}; "
-                                 "resume from the last checkpoint with a lower --lr")
-            step += 1
-            if cfg.dead_code_every and step > cfg.vq_warmup and step % cfg.dead_code_every == 0:
-                replace_dead_codes(codec, z.detach(), 0.05)
-            losses = smooth.add(spectral=float(spec.detach()), wave=float(wave.detach()), commit=float(qo.commit_loss.detach()))
-            bar.update(step, losses)
-            elapsed = time.monotonic() - t0
-            if time.monotonic() - last_ckpt > 120:
-                checkpoint()
-                last_ckpt = time.monotonic()
-    finally:
-        bar.close()
-        elapsed = time.monotonic() - t0
-        checkpoint()
-    log.info("codec: %d steps in %.1f min, losses %s -> %s", step, elapsed / 60, smooth.values, ckpt_path)
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x = torch.from_numpy(codec_batch(step, cfg.seed, cfg.batch, cfg.segment, sr)).to(dev)
+        z = codec.encoder(x)
+        if step < cfg.vq_warmup:
+            # Plain autoencoder first: with codebooks from the start, the commitment loss
+            # pulls the young encoder's output to a point and the decoder learns to
+            # ignore it. The codebooks are seeded from the warmed-up latents.
+            codec.quantizer.inited.fill_(False)
+            qo = QuantizerOutput(z, z.new_zeros((), dtype=torch.int64), z.new_zeros(()))
+        else:
+            qo = codec.quantizer(z)
+        latent[:] = [z.detach()]
+        y = codec.decoder(qo.quantized)[..., : x.shape[-1]]
+        spec = spectral_loss(x, y, sr)
+        wave = (x - y).abs().mean()
+        loss = spec + cfg.wave_weight * wave + cfg.commit_weight * qo.commit_loss
+        return loss, dict(spectral=float(spec.detach()), wave=float(wave.detach()),
+                          commit=float(qo.commit_loss.detach()))
+
+    def after(step: int) -> None:
+        if cfg.dead_code_every and step > cfg.vq_warmup and step % cfg.dead_code_every == 0:
+            replace_dead_codes(codec, latent[0], 0.05)
+
+    # max_norm 10 is a guard only: typical gradient norms are 2-5.
+    loop.run(cfg, opt, list(codec.parameters()), 10.0, step_fn, checkpoint, quiet, after)
     return record
 
 
@@ -600,53 +640,30 @@ def train_lm(
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
                             lr=cfg.lr, betas=(0.9, 0.95))
-    step, elapsed, smooth = 0, 0.0, Smoothed()
+    loop = Loop("lm")
     if state is not None:
         lm.load_state_dict(state["lm"])
         text.load_state_dict(state["text"])
         opt.load_state_dict(state["optimizer"])
-        step, elapsed, smooth.values = state["step"], state["elapsed"], state["losses"]
+        loop.step, loop.elapsed, loop.smooth.values = state["step"], state["elapsed"], state["losses"]
     record = dict(stage="lm", config=dataclasses.asdict(cfg), device=device_record(dev),
                   command=command or "cicada train lm", commit=git_commit(), codec_digest=digest,
                   codec_record=codec_record, corpus=dict(clips=int(len(codes)), frames=int(codes.shape[-1])))
 
     def checkpoint() -> None:
-        record.update(step=step, elapsed_minutes=round(elapsed / 60, 2), losses=smooth.values)
-        save_atomic(dict(lm=lm.state_dict(), text=text.state_dict(), optimizer=opt.state_dict(), step=step,
-                         elapsed=elapsed, losses=smooth.values, config=dataclasses.asdict(cfg),
+        record.update(step=loop.step, elapsed_minutes=round(loop.elapsed / 60, 2), losses=loop.smooth.values)
+        save_atomic(dict(lm=lm.state_dict(), text=text.state_dict(), optimizer=opt.state_dict(), step=loop.step,
+                         elapsed=loop.elapsed, losses=loop.smooth.values, config=dataclasses.asdict(cfg),
                          lm_config=dataclasses.asdict(lcfg), text_config=dataclasses.asdict(text.cfg),
                          tokenizer=tok.tokenizer.to_str(), codec_digest=digest, record=record), ckpt_path)
 
-    bar = Progress("lm", cfg.steps, step, quiet)
-    t0, last_ckpt = time.monotonic() - elapsed, time.monotonic()
-    try:
-        while step < cfg.steps:
-            if elapsed > cfg.minutes * 60:
-                log.warning("lm: the %.0f-minute cap stopped training at step %d of %d", cfg.minutes, step, cfg.steps)
-                break
-            rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11, step]))
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-            batch, texts = lm_batch(codes, labels, prompts, cfg, rng)
-            loss, per_book = lm_loss(lm, text, tok, batch.to(dev), texts, window=cfg.context)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if not math.isfinite(float(loss.detach())):
-                raise TrainError(f"lm: the loss became {float(loss)} at step {step}; "
-                                 "resume from the last checkpoint with a lower --lr")
-            step += 1
-            bar.update(step, smooth.add(ce=float(loss.detach()), **{f"ce{k}": v for k, v in enumerate(per_book)}))
-            elapsed = time.monotonic() - t0
-            if time.monotonic() - last_ckpt > 120:
-                checkpoint()
-                last_ckpt = time.monotonic()
-    finally:
-        bar.close()
-        elapsed = time.monotonic() - t0
-        checkpoint()
-    log.info("lm: %d steps in %.1f min, losses %s -> %s", step, elapsed / 60, smooth.values, ckpt_path)
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11, step]))
+        batch, texts = lm_batch(codes, labels, prompts, cfg, rng)
+        loss, per_book = lm_loss(lm, text, tok, batch.to(dev), texts, window=cfg.context)
+        return loss, dict(ce=float(loss.detach()), **{f"ce{k}": v for k, v in enumerate(per_book)})
+
+    loop.run(cfg, opt, params, 1.0, step_fn, checkpoint, quiet)
     return record
 
 
