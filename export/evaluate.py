@@ -32,13 +32,14 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from engine.pack import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -370,25 +371,6 @@ def _data_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary sibling, then ``os.replace`` it into place."""
-    from engine.pack import current_umask
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; these are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class SoundClassifier:
     """Which of the corpus prompts a clip sounds like: features -> standardise -> 1-hidden-layer MLP.
 
@@ -562,7 +544,7 @@ class SoundClassifier:
         arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta)), "mean": self.mean, "std": self.std}
         for i, (W, b) in enumerate(self.layers):
             arrays[f"W{i}"], arrays[f"b{i}"] = W, b
-        _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        write_atomic(path, lambda fh: np.savez(fh, **arrays))
         return path
 
     @classmethod
@@ -874,7 +856,7 @@ def save_confusion_png(confusion: np.ndarray, prompts: list[str], path: str | os
     fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of the asked prompt's clips")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, lambda fh: fh.write(buf.getvalue()))
+    write_atomic(path, lambda fh: fh.write(buf.getvalue()))
     return path
 
 

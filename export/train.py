@@ -27,7 +27,6 @@ import functools
 import hashlib
 import logging
 import math
-import os
 import platform
 import shlex
 import subprocess
@@ -43,9 +42,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.pack import write_atomic
 from export import data
 from export.codec import Codec, CodecConfig, QuantizerOutput
 from export.conditioner import TextEncoder, TextEncoderConfig, WordTokenizer, split_words
+from export.evaluate import mel_filterbank
 from export.lm import LM, LMConfig, apply_delay
 
 log = logging.getLogger("cicada.train")
@@ -141,16 +142,8 @@ def device_record(device: torch.device) -> str:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save ``obj`` to ``path`` atomically (temporary sibling, fsync, rename)."""
+    write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: Path, stage: str | None = None) -> dict[str, Any]:
@@ -299,21 +292,8 @@ def stft_mag(x: torch.Tensor, n_fft: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def mel_matrix(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
-    """Triangular mel filters (HTK mel scale) ``[n_mels, n_fft // 2 + 1]``, each normalised to unit area."""
-    def mel(f: np.ndarray) -> np.ndarray:
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    def hz(m: np.ndarray) -> np.ndarray:
-        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-
-    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    edges = hz(np.linspace(mel(np.array(0.0)), mel(np.array(sample_rate / 2)), n_mels + 2))
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    up = (freqs[None] - lo) / np.maximum(mid - lo, 1e-9)
-    down = (hi - freqs[None]) / np.maximum(hi - mid, 1e-9)
-    fb = np.clip(np.minimum(up, down), 0.0, None)
-    fb /= np.maximum(fb.sum(1, keepdims=True), 1e-9)
-    return torch.from_numpy(fb.astype(np.float32))
+    """``cicada eval``'s mel filters over the whole band (0 Hz to Nyquist) as a float32 tensor."""
+    return torch.from_numpy(mel_filterbank(sample_rate, n_fft, n_mels, 0.0, sample_rate / 2).astype(np.float32))
 
 
 MEL_SCALES: tuple[tuple[int, int], ...] = ((2048, 80), (1024, 64), (512, 40), (256, 20), (128, 10), (64, 5))
@@ -622,10 +602,7 @@ def train_lm(
             codes, labels = z["codes"], z["labels"]
     else:
         codes, labels = encode_corpus(codec, cfg, dev, quiet)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = corpus_path.with_suffix(".tmp.npz")
-        np.savez(tmp, codes=codes, labels=labels)
-        os.replace(tmp, corpus_path)
+        write_atomic(corpus_path, lambda fh: np.savez(fh, codes=codes, labels=labels))
     if codes.shape[-1] < cfg.frames:
         raise TrainError(f"corpus clips have {codes.shape[-1]} frames, fewer than --frames {cfg.frames}")
 
