@@ -20,11 +20,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.lm import NEG, session_options
 from engine.pack import Pack
+
+if TYPE_CHECKING:
+    from tokenizers import Encoding
 
 
 class PromptError(ValueError):
@@ -93,29 +97,23 @@ class Conditioner:
         z = np.zeros(self.shape, np.float32)
         return Condition("", z, z.copy(), np.full(self.text_len, NEG, np.float32))
 
-    def unknown_words(self, text: str) -> tuple[list[str], int]:
-        """``(words the tokenizer maps to <unk>, number of known word tokens)`` of ``text``."""
-        enc = self.tokenizer.encode(text)
-        unknown = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id]
-        known = sum(1 for i in enc.ids if i not in self.special_ids)
-        return unknown, known
-
-    def check(self, text: str) -> tuple[str, ...]:
-        """Raise :class:`PromptError` if no word of ``text`` is known; else return the unknown words."""
+    def check(self, text: str, enc: Encoding | None = None) -> tuple[str, ...]:
+        """Raise :class:`PromptError` if no word of ``text`` is known; else return the words the
+        tokenizer maps to ``<unk>`` (ignored). ``enc``: the tokenizer's encoding of ``text``, if at hand."""
         if self.unk_id is None or not text.strip():
             return ()
-        unknown, known = self.unknown_words(text)
-        if known == 0 and self.pack.prompts:
+        enc = enc or self.tokenizer.encode(text)
+        if self.pack.prompts and all(i in self.special_ids for i in enc.ids):
             listing = "\n".join(f"  {p}" for p in self.pack.prompts)
             raise PromptError(
                 f"no word of the prompt {text!r} is known to the pack '{self.pack.name}'; "
                 f"use words from its prompts (any order, case or punctuation):\n{listing}"
             )
-        return tuple(unknown)
+        return tuple(text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id)
 
-    def tokens(self, text: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    def tokens(self, text: str, enc: Encoding | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
         """``text -> (ids [1, Tc] int64, mask [1, Tc] int64, truncated)``."""
-        ids = self.tokenizer.encode(text).ids
+        ids = (enc or self.tokenizer.encode(text)).ids
         truncated = len(ids) > self.text_len
         ids = ids[: self.text_len]
         tok = np.zeros((1, self.text_len), np.int64)
@@ -132,8 +130,9 @@ class Conditioner:
         if hit is not None:
             self._cache.move_to_end(text)
             return hit
-        unknown = self.check(text)
-        tok, mask, truncated = self.tokens(text)
+        enc = self.tokenizer.encode(text)
+        unknown = self.check(text, enc)
+        tok, mask, truncated = self.tokens(text, enc)
         ck, cv = self.session.run(["cross_k", "cross_v"], {"text_tokens": tok, "text_mask": mask})
         cond = Condition(
             text,
