@@ -102,7 +102,6 @@ def build_pack(
                 raise ValueError(f"--quantize {spec.quantize!r}: choose none or int8")
             if encoder is not None:
                 _export(encoder.eval(), encoder.spec, encoder.example_inputs(), tmp / "encoder.onnx", "encoder")
-                _fix_output_shapes(tmp / "encoder.onnx", encoder.spec)
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
 
         doc: dict[str, Any] = {
@@ -240,19 +239,6 @@ def pack_models(
         )
 
 
-def _fix_output_shapes(path: Path, spec: GraphSpec) -> None:
-    """Write the spec's fixed output shapes into the graph (the tracer leaves some symbolic)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    for out, t in zip(model.graph.output, spec.outputs):
-        dims = out.type.tensor_type.shape.dim
-        for d, n in zip(dims, t.shape):
-            d.Clear()
-            d.dim_value = n
-    onnx.save(model, str(path))
-
-
 class EncoderGraph(nn.Module):
     """Whole-clip encoder for a pack: ``audio [1, C, T] -> codes [1, K, ceil(T / hop)]`` (int64).
 
@@ -278,4 +264,6 @@ class EncoderGraph(nn.Module):
         return [torch.randn(self.spec.inputs[0].shape) * 0.1]
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(audio)
+        # The reshape to the (known) fixed shape lets the exported graph declare it; the codes'
+        # own shape comes out of the quantizer's stacking with symbolic dimensions.
+        return self.codec.encode(audio).reshape(self.spec.outputs[0].shape)
