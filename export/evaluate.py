@@ -745,7 +745,9 @@ def pack_reconstructor(pack_dir: str | os.PathLike[str]) -> Reconstructor | None
         audio[0, :, :n] = clip
         codes = encoder.run(["codes"], {"audio": audio})[0]
         frames = -(-n // hop)
-        frames = -(-frames // fps) * fps
+        frames = -(-frames // fps) * fps  # whole decoder steps
+        if frames > codes.shape[-1]:  # the last step reaches past the encoder's length: repeat its last frame
+            codes = np.pad(codes, ((0, 0), (0, 0), (0, frames - codes.shape[-1])), mode="edge")
         decoder.reset()
         out = [decoder.step(codes[:, :, f : f + fps]).copy() for f in range(0, frames, fps)]
         return np.concatenate(out, axis=-1)[:, :n]
