@@ -12,10 +12,11 @@
 
 The LM for block n+1 runs while the decoder renders block n: with one ONNX
 Runtime thread each, two cores do both (pipelining beats two intra-op threads
-one after the other). The LM worker runs only while
-``sink.queued() + blocks in flight < latency target``, so parameters are read
-as late as possible and the control latency stays at about
-``latency + delay pattern + one block``.
+one after the other). The LM worker starts a block only when it fits:
+``sink.queued() + blocks in flight + this block <= latency target``, so the
+latency setting is the most audio ever queued ahead of the speaker,
+parameters are read as late as possible, and a change is heard after at most
+``latency + delay pattern + one block's compute``.
 
 A block that comes out of the decoder with NaN or Inf is replaced by silence,
 counted, and the generator is reset (fresh context, same prompt): the stream
@@ -147,6 +148,7 @@ class Stream:
         self.ceiling_db = ceiling_db
         self.pipelined = pipelined
         self.on_block = on_block
+        self.on_output: Callable[[np.ndarray], None] | None = None  # sees each block [N, C] handed to the sink
         self._q: queue.Queue[tuple[np.ndarray, int] | None] = queue.Queue(maxsize=2)
         self._running = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -203,6 +205,13 @@ class Stream:
     def set_params(self, params: GenParams) -> None:
         self.gen.set_params(params)
 
+    def set_latency_ms(self, latency_ms: float) -> None:
+        """Change the target fill live (the LM worker reads it before each block)."""
+        if not latency_ms > 0:
+            raise ValueError(f"latency must be > 0 ms, got {latency_ms}")
+        self.latency_ms = float(latency_ms)
+        self.target_samples = max(1, int(round(self.latency_ms * self.sink.rate / 1000.0)))
+
     def panic(self) -> None:
         """Fade everything to silence within 50 ms (also what is already queued in a device sink)."""
         self.safety.panic()
@@ -243,6 +252,7 @@ class Stream:
         for t in self._threads:
             t.join(timeout=5.0)
         self._threads = []
+        self._consumed = self._produced  # blocks dropped from the queue are no longer in flight
 
     @property
     def running(self) -> bool:
@@ -261,11 +271,11 @@ class Stream:
         return run
 
     def _wait_for_room(self) -> bool:
-        """Block until the sink wants another block (queued + in flight below target)."""
+        """Block until another block fits under the target (queued + in flight + one block)."""
         while self._running.is_set():
-            ahead = self.sink.queued() + (self._produced - self._consumed) * self.block_out_samples
-            excess = ahead - self.target_samples
-            if excess < 0:
+            ahead = self.sink.queued() + (self._produced - self._consumed + 1) * self.block_out_samples
+            excess = ahead - max(self.target_samples, self.block_out_samples)
+            if excess <= 0:
                 return True
             time.sleep(min(0.002, max(0.0005, excess / self.sink.rate)))
         return False
@@ -334,6 +344,8 @@ class Stream:
             self.post_ms.add((time.perf_counter() - t1) * 1000.0)
             self.last_written = WrittenBlock(self.written_samples, version)
             self._write(block)
+            if self.on_output is not None:
+                self.on_output(block)
             self.written_samples += block.shape[0]
             if self.first_sound_at is None and np.any(block):
                 self.first_sound_at = time.monotonic()

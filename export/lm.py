@@ -383,8 +383,29 @@ class LMStep(nn.Module):
     Cost is independent of how long the stream has run, and nearly of ``S``:
     the cache is never concatenated, sliced or transposed (each of which would
     copy it every step: one tensor per layer, not a stacked ``[L, ...]`` one, and
-    scores computed as ``K @ q^T`` rather than ``q @ K^T``). Scores against the
+    scores computed as ``K @ q`` with ``q`` as a column). Scores against the
     cache and against the new key are computed apart and softmaxed together.
+
+    A step is a few hundred tiny operations, so their number, not their
+    arithmetic, sets its cost (in ONNX Runtime and in PyTorch eager alike). The
+    weights are therefore rearranged once, here, so that each layer needs few
+    of them (see :meth:`fold`):
+
+    - one table lookup for all ``K`` embeddings, one matmul for all ``K`` heads;
+    - the attention scale ``Dh ** -0.5`` folded into the query projections;
+    - rotary without slicing, on ``q`` and ``k`` of every head at once:
+      ``rot(x) = x * [cos, cos] + swap(x) * [-sin, sin]``, where ``swap``
+      exchanges the two halves of each head, one gather::
+
+          h ──[Wq*s ; Wk ; Wv]──> [ qk | v ]         qk: [B, 1, 2*H*Dh]
+          qk = qk * cos2 + qk[..., swap] * sin2      per head: (x1, x2) -> (x2, x1)
+          q, k = split(qk)
+
+    - with one query row, ``[B, H, 1, Dh] <-> [B, 1, H*Dh]`` and row/column
+      layouts are reshapes (no copies, no transposes).
+
+    The folded weights are taken from ``lm`` when the step is built; build a
+    new step (or call :meth:`fold`) after changing ``lm``'s weights.
     """
 
     def __init__(self, lm: LM, batch: int = 2, context: int = 500, text_len: int = 32) -> None:
@@ -394,6 +415,7 @@ class LMStep(nn.Module):
         self.context = context
         self.text_len = text_len
         self.spec = self._build_spec()
+        self.fold()
 
     def _build_spec(self) -> GraphSpec:
         cfg = self.lm.cfg
@@ -433,16 +455,41 @@ class LMStep(nn.Module):
         }
         return GraphSpec(inputs, outputs, meta)
 
-    @staticmethod
-    def _qkv_weight(att: Attention) -> torch.Tensor:
-        """``[3 * dim, dim]``: the q, k and v projections stacked (folded into one initializer on export)."""
-        return torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], dim=0)
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Rearrange ``lm``'s weights for the step (buffers: initializers on export, computed once in eager)."""
+        lm = self.lm
+        cfg = lm.cfg
+        h, dh = cfg.heads, cfg.head_dim
+        scale = dh**-0.5
 
-    @staticmethod
-    def _qkv_bias(att: Attention) -> torch.Tensor | None:
-        if att.q_proj.bias is None:
-            return None
-        return torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias], dim=0)
+        table = torch.cat([e.weight for e in lm.emb])  # [K * (card + 1), D]
+        if cfg.scale_embedding:
+            table = table * math.sqrt(cfg.dim)
+        self.register_buffer("emb_table", table.detach().clone(), persistent=False)
+        self.register_buffer(
+            "emb_offset", (torch.arange(cfg.n_codebooks, dtype=torch.int64) * (cfg.card + 1))[None], persistent=False
+        )
+        self.register_buffer("head_w", torch.cat([hd.weight for hd in lm.heads]).detach().clone(), persistent=False)
+        hb = None if lm.heads[0].bias is None else torch.cat([hd.bias for hd in lm.heads]).detach().clone()
+        self.register_buffer("head_b", hb, persistent=False)
+        # swap[j]: the index whose value lands at j when the halves of each of the 2H (q and k) heads change places
+        j = torch.arange(2 * h * dh, dtype=torch.int64)
+        self.register_buffer("rope_swap", j - j % dh + (j % dh + dh // 2) % dh, persistent=False)
+        for i, layer in enumerate(lm.layers):
+            att = layer.self_attn
+            w = torch.cat([att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight])
+            self.register_buffer(f"qkv_w_{i}", w.detach().clone(), persistent=False)
+            bias = None
+            if att.q_proj.bias is not None:
+                bias = torch.cat([att.q_proj.bias * scale, att.k_proj.bias, att.v_proj.bias]).detach().clone()
+            self.register_buffer(f"qkv_b_{i}", bias, persistent=False)
+            if cfg.cross_attention:
+                cq = layer.cross_attn.q_proj
+                self.register_buffer(f"cq_w_{i}", (cq.weight * scale).detach().clone(), persistent=False)
+                self.register_buffer(
+                    f"cq_b_{i}", None if cq.bias is None else (cq.bias * scale).detach().clone(), persistent=False
+                )
 
     def example_inputs(self, position: int = 0) -> list[torch.Tensor]:
         """Inputs for a first step at ``position`` (empty ring, all text valid)."""
@@ -470,46 +517,51 @@ class LMStep(nn.Module):
         lm = self.lm
         cfg = lm.cfg
         tokens = x_in["tokens"]
-        x = lm.embed(tokens.unsqueeze(-1))  # [B, 1, D]
-        cos = sin = None
+        b = tokens.shape[0]
+        hd, dh, dim = cfg.heads, cfg.head_dim, cfg.dim
+        # [B, K] -> one lookup in the stacked tables -> [B, K, D] -> sum -> [B, 1, D]
+        x = F.embedding(tokens + self.emb_offset, self.emb_table).sum(1, keepdim=True)
+        rope = None
         if cfg.positions == "sinusoidal":
             x = x + sinusoidal_embedding(x_in["position"], lm.inv_freq)  # [1, D]
         else:
-            cos, sin = x_in["rope_cos"], x_in["rope_sin"]
-        cache_mask = x_in["cache_mask"]
-        s = cache_mask.shape[-1]
-        cmask = None
-        if cfg.cross_attention:
-            cmask = x_in["cross_mask"][:, None, None, :]
-        scale = cfg.head_dim**-0.5
+            # [1, Dh/2] -> [1, 2 * H * Dh]: (cos, cos) and (-sin, sin) for every q and k head
+            cos = torch.cat([x_in["rope_cos"], x_in["rope_cos"]], dim=-1).repeat(1, 2 * hd)
+            sin = torch.cat([-x_in["rope_sin"], x_in["rope_sin"]], dim=-1).repeat(1, 2 * hd)
+            rope = (cos, sin)
+        # [1, S] -> [1, 1, 1, S + 1]: the ring's mask, then the new key (always valid)
+        mask = torch.cat([x_in["cache_mask"], torch.zeros_like(x_in["cache_mask"][:, :1])], dim=-1)[:, None, None]
+        s = mask.shape[-1] - 1
+        cmask = x_in["cross_mask"][:, None, None, :] if cfg.cross_attention else None
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
-        b = tokens.shape[0]
         for li, layer in enumerate(lm.layers):
-            att = layer.self_attn
-            h = layer.self_attn_norm(x)
-            # One projection for q, k and v (one int8 activation quantization instead of three), and one
-            # rotary application for q and k together: fewer, larger nodes, same arithmetic.
-            qkv = F.linear(h, self._qkv_weight(att), self._qkv_bias(att))  # [B, 1, 3 * H * Dh]
-            qkv = qkv.view(b, 3 * cfg.heads, cfg.head_dim).unsqueeze(2)  # [B, 3H, 1, Dh]
-            qk, v = qkv[:, : 2 * cfg.heads], qkv[:, 2 * cfg.heads :]
-            if cos is not None:
-                qk = apply_rope(qk, cos, sin)
-            q, k = qk[:, : cfg.heads], qk[:, cfg.heads :]  # [B, H, 1, Dh]
+            proj = F.linear(layer.self_attn_norm(x), getattr(self, f"qkv_w_{li}"), getattr(self, f"qkv_b_{li}"))
+            qk, v = proj.split([2 * dim, dim], dim=-1)
+            if rope is not None:
+                qk = qk * rope[0] + qk.index_select(-1, self.rope_swap) * rope[1]
+            q, k = qk.split([dim, dim], dim=-1)  # [B, 1, D] each
+            q_col = q.reshape(b, hd, dh, 1)
+            k_row, v_row = k.reshape(b, hd, 1, dh), v.reshape(b, hd, 1, dh)
             new_k.append(k)
             new_v.append(v)
-            # K @ q^T: [B, H, S, Dh] @ [B, H, Dh, 1] reads the cache in place (q @ K^T would copy K)
-            s_cache = torch.matmul(x_in[f"cache_k_{li}"], q.transpose(-1, -2)).transpose(-1, -2)
-            s_cache = s_cache * scale + cache_mask  # [B, H, 1, S]
-            s_new = (q * k).sum(-1, keepdim=True) * scale  # [B, H, 1, 1]
-            p = torch.softmax(torch.cat([s_cache, s_new], dim=-1), dim=-1)
-            o = torch.matmul(p[..., :s], x_in[f"cache_v_{li}"]) + p[..., s:] * v
-            x = x + att.merge(o)
+            # scores [B, H, 1, S + 1]: the ring (K @ q reads the cache in place) and the new key
+            s_cache = torch.matmul(x_in[f"cache_k_{li}"], q_col).reshape(b, hd, 1, s)
+            p = torch.softmax(torch.cat([s_cache, torch.matmul(k_row, q_col)], dim=-1) + mask, dim=-1)
+            p_cache, p_new = p.split([s, 1], dim=-1)
+            o = torch.matmul(p_cache, x_in[f"cache_v_{li}"]) + p_new * v_row  # [B, H, 1, Dh]
+            x = x + layer.self_attn.out_proj(o.reshape(b, 1, dim))
             if cmask is not None:
-                x = layer.cross(x, x_in[f"cross_k_{li}"], x_in[f"cross_v_{li}"], cmask)
+                cq = F.linear(layer.cross_attn_norm(x), getattr(self, f"cq_w_{li}"), getattr(self, f"cq_b_{li}"))
+                sc = torch.matmul(x_in[f"cross_k_{li}"], cq.reshape(b, hd, dh, 1)).reshape(b, hd, 1, -1)
+                pc = torch.softmax(sc + cmask, dim=-1)
+                o = torch.matmul(pc, x_in[f"cross_v_{li}"])  # [B, H, 1, Dh]
+                x = x + layer.cross_attn.out_proj(o.reshape(b, 1, dim))
             x = layer.ffn(x)
-        logits = lm.project_logits(x)[:, :, 0]  # [B, K, card]
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        logits = F.linear(lm.norm(x), self.head_w, self.head_b).reshape(b, cfg.n_codebooks, cfg.card)
+        # L x [B, 1, H*Dh] -> [L*B, 1, H*Dh] -> [L, B, H, 1, Dh]: one reshape, not one per layer
+        shape = (cfg.layers, b, hd, 1, dh)
+        return logits, torch.cat(new_k).reshape(shape), torch.cat(new_v).reshape(shape)
 
 
 def ring_step_through(
