@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.post import njit
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -66,25 +68,66 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     if params.temperature <= 0.0 or params.top_k == 1:
         return np.argmax(logits, axis=-1).astype(np.int64)
     top_k = vocab if params.top_k <= 0 else min(params.top_k, vocab)
-    if top_k < vocab:
-        idx = np.argpartition(logits, vocab - top_k, axis=-1)[:, vocab - top_k :]  # [K, top_k], unordered
-        vals = np.take_along_axis(logits, idx, axis=-1)
-    else:
-        idx = np.broadcast_to(np.arange(vocab), logits.shape)
-        vals = logits
-    # Sort candidates by descending logit so top-p and the CDF walk are deterministic.
-    order = np.argsort(-vals, axis=-1, kind="stable")
-    idx = np.take_along_axis(idx, order, axis=-1)
-    vals = np.take_along_axis(vals, order, axis=-1).astype(np.float64) / params.temperature
-    vals -= vals[:, :1]
-    probs = np.exp(vals)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    cdf = np.cumsum(probs, axis=-1)
-    if 0.0 < params.top_p < 1.0:
-        # Keep tokens up to and including the one that brings the mass to top_p.
-        keep = (cdf - probs) < params.top_p
-        probs = np.where(keep, probs, 0.0)
-        cdf = np.cumsum(probs, axis=-1)
-    cdf /= cdf[:, -1:]
-    pick = np.minimum((cdf < u[:, None]).sum(axis=-1), cdf.shape[-1] - 1)
-    return idx[np.arange(k_books), pick].astype(np.int64)
+    out = np.empty(k_books, np.int64)
+    _draw(np.ascontiguousarray(logits, np.float32), u, float(params.temperature), top_k, float(params.top_p), out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _draw(logits: np.ndarray, u: np.ndarray, temperature: float, top_k: int, top_p: float, out: np.ndarray) -> None:
+    """Per codebook: the ``top_k`` best logits in descending order (ties: lower index first), softmax at
+    ``temperature``, the nucleus cut at ``top_p`` (0 or 1 = off), then the token where the CDF passes ``u``."""
+    k_books, vocab = logits.shape
+    probs = np.empty(top_k, np.float64)
+    cand = np.empty(top_k, np.int64)
+    for b in range(k_books):
+        row = logits[b]
+        # the top_k candidates in index order (a partition, not a sort of the whole row) ...
+        kth = np.partition(row, vocab - top_k)[vocab - top_k] if top_k < vocab else row.min()
+        c = 0
+        for j in range(vocab):
+            if row[j] > kth:
+                cand[c] = j
+                c += 1
+        for j in range(vocab):
+            if c == top_k:
+                break
+            if row[j] == kth:
+                cand[c] = j
+                c += 1
+        if c == 0:  # nothing comparable (NaN logits): token 0; the stream's NaN guard deals with the rest
+            out[b] = 0
+            continue
+        # ... then sorted by descending logit (stable: equal logits keep index order)
+        order = cand[:c][np.argsort(-row[cand[:c]], kind="mergesort")]
+        best = row[order[0]]
+        total = 0.0
+        for j in range(c):
+            p = np.exp((np.float64(row[order[j]]) - best) / temperature)
+            probs[j] = p
+            total += p
+        n = c
+        if 0.0 < top_p < 1.0:
+            # keep tokens up to and including the one that brings the mass to top_p
+            mass = 0.0
+            for j in range(c):
+                if mass >= top_p * total:
+                    n = j
+                    break
+                mass += probs[j]
+            total = mass
+        target = u[b] * total
+        acc = 0.0
+        pick = n - 1
+        for j in range(n):
+            acc += probs[j]
+            if acc > target:
+                pick = j
+                break
+        out[b] = order[pick]
+
+
+def warmup() -> None:
+    """Compile (or load from numba's disk cache) the sampling kernel now, not at the first step."""
+    rng = np.random.default_rng(0)
+    sample(np.zeros((1, 4), np.float32), SamplingParams(top_k=2), rng)

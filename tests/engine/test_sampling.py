@@ -70,3 +70,13 @@ def test_same_seed_same_tokens_and_fixed_consumption() -> None:
 def test_bad_params_are_named(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad).checked()
+
+
+def test_nan_logits_never_crash_or_leave_the_vocabulary() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 64)).astype(np.float32)
+    logits[0] = np.nan
+    logits[1, ::2] = np.nan
+    for params in (SamplingParams(top_k=8), SamplingParams(top_k=0), SamplingParams(top_k=8, top_p=0.5)):
+        tokens = sample(logits, params, rng)
+        assert tokens.shape == (4,) and ((tokens >= 0) & (tokens < 64)).all()
