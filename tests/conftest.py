@@ -49,3 +49,11 @@ def sync_server() -> Iterator[JackServer]:
         pytest.skip("needs jackd and the JACK-Client package")
     with jack_server(rate=RATE, period=256, sync=True) as srv:
         yield srv
+
+
+@pytest.fixture(autouse=True)
+def private_user_presets(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Presets a test saves go to a private folder, never the user's ~/.config/cicada/presets."""
+    folder = tmp_path_factory.mktemp("user-presets")
+    monkeypatch.setenv("CICADA_PRESETS", str(folder))
+    return folder
