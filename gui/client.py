@@ -1,0 +1,489 @@
+"""The panel's link to a running engine: OSC over one UDP socket, and the OSCQuery tree over HTTP. No Qt here.
+
+The client sends from one UDP socket and listens on the same one: the engine
+replies to the sender's source port, and ``/cicada/subscribe`` (no port)
+makes that port a feedback subscriber. A small keeper thread
+
+- re-subscribes every few seconds (leases expire after 30 s),
+- flushes throttled parameter changes (at most one message per parameter
+  every ``min_interval_s``, and the last value of a fader move always goes),
+- declares the link lost when nothing came from the engine for ``stale_s``
+  seconds, and then keeps asking (subscribe, status, the OSCQuery tree)
+  until an engine answers again: a restarted engine is picked up by itself.
+
+Callbacks run on the client's threads; the Qt panel turns them into signals.
+
+::
+
+    panel ──set_param──> throttle ──UDP──> engine /cicada/<param>
+    panel <──on_message── rx thread <──UDP── replies and feedback (same socket)
+    panel <──on_tree───── keeper thread <──HTTP── OSCQuery tree (at connect)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pythonosc.osc_message_builder import OscMessageBuilder
+from pythonosc.osc_packet import OscPacket
+
+log = logging.getLogger("cicada.gui")
+
+PREFIX = "/cicada"
+
+Value = float | int | bool | str
+
+
+# --------------------------------------------------------------------------- the parameter tree
+
+
+def _registry_hints() -> dict[str, tuple[str, str]]:
+    """(group, unit) by parameter name from the registry's definitions (plain data: importing starts nothing).
+
+    Only hints: the panel builds its controls from the OSCQuery tree and works
+    with an engine of another version, whose tree is all it has.
+    """
+    try:
+        from engine.params import PARAMS
+    except Exception:
+        return {}
+    return {p.name: (p.group, p.unit) for p in PARAMS}
+
+
+# OSCQuery unit names (the proposal's units.md) back to what a person reads
+_UNIT_NAMES = {"gain.db": "dB", "time.ms": "ms", "time.second": "s", "time.hz": "Hz", "time.bpm": "BPM"}
+
+
+def _unit(node: dict[str, Any], hint: str) -> str:
+    raw = node.get("UNIT")
+    if isinstance(raw, list):
+        raw = raw[0] if raw else ""
+    raw = str(raw or "")
+    readable = _UNIT_NAMES.get(raw, raw)
+    # the registry's own spelling where it means the same unit ("dBFS" travels as gain.db)
+    if hint and (hint == readable or _UNIT_NAMES.get(raw) and hint.startswith(readable)):
+        return hint
+    return readable
+
+
+@dataclass
+class ParamInfo:
+    """One parameter as the OSCQuery tree describes it."""
+
+    name: str
+    type: str  # OSC type tag: f, i, T (bool), s
+    value: Value
+    description: str = ""
+    unit: str = ""
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    access: int = 3
+    group: str = "other"
+    path: str = ""
+
+    @property
+    def is_number(self) -> bool:
+        return self.type in ("f", "i") and self.low is not None and self.high is not None
+
+    @property
+    def is_bool(self) -> bool:
+        return self.type in ("T", "F")
+
+    @property
+    def is_choice(self) -> bool:
+        return self.type == "s" and bool(self.choices)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.access & 2)
+
+    def coerce(self, value: Any) -> Value:
+        """``value`` as this parameter's Python type (clamped to its range, for numbers)."""
+        if self.is_bool:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "on")
+            return bool(value)
+        if self.type == "s":
+            return str(value)
+        v = float(value)
+        if self.low is not None and self.high is not None:
+            v = min(max(v, self.low), self.high)
+        return int(round(v)) if self.type == "i" else v
+
+    def normalized(self, value: Value) -> float:
+        """A number's position in its range, 0..1."""
+        if not self.is_number or self.high == self.low:
+            return 0.0
+        assert self.low is not None and self.high is not None
+        return min(max((float(value) - self.low) / (self.high - self.low), 0.0), 1.0)
+
+    def from_normalized(self, x: float) -> Value:
+        """0..1 -> a value in range (the inverse of :meth:`normalized`)."""
+        assert self.low is not None and self.high is not None
+        return self.coerce(self.low + min(max(x, 0.0), 1.0) * (self.high - self.low))
+
+    def describe(self) -> str:
+        """The description with its range, for a tooltip."""
+        if self.is_number:
+            rng = f"{self.low:g} .. {self.high:g}{(' ' + self.unit) if self.unit else ''}"
+        elif self.is_choice:
+            rng = " | ".join(self.choices)
+        elif self.is_bool:
+            rng = "on / off"
+        else:
+            rng = "text"
+        return f"{self.description}\n{self.path or PREFIX + '/' + self.name}  ({rng})".strip()
+
+
+def parse_tree(tree: dict[str, Any], hints: dict[str, tuple[str, str]] | None = None) -> list[ParamInfo]:
+    """The parameters under ``/cicada`` in an OSCQuery tree, in tree order.
+
+    A parameter is a node with a ``TYPE`` and a ``VALUE`` (actions such as
+    ``/cicada/panic``, containers such as ``/cicada/preset`` and the
+    subscriber-only ``meter``/``spectrum`` have no VALUE). Its group is its
+    first ``TAGS`` entry (cicada's engine tags each parameter with its
+    registry group), else the registry's group by name, else ``other``.
+    """
+    hints = _registry_hints() if hints is None else hints
+    root = tree.get("CONTENTS", {}).get(PREFIX.strip("/"), {})
+    out: list[ParamInfo] = []
+    for name, node in (root.get("CONTENTS") or {}).items():
+        if not isinstance(node, dict) or "TYPE" not in node or "VALUE" not in node:
+            continue
+        typ = str(node["TYPE"])[:1] or "s"
+        values = node.get("VALUE") or [None]
+        rng = (node.get("RANGE") or [{}])[0] or {}
+        choices = tuple(str(c) for c in rng.get("VALS", ()) or ())
+        low, high = rng.get("MIN"), rng.get("MAX")
+        value = values[0]
+        if value is None:
+            value = {"f": 0.0, "i": 0, "T": False, "F": False}.get(typ, "")
+        group_hint, unit_hint = hints.get(name, ("", ""))
+        tags = node.get("TAGS")
+        group = str(tags[0]) if isinstance(tags, list) and tags else group_hint or "other"
+        p = ParamInfo(
+            name=name,
+            type=typ,
+            value=value,
+            description=str(node.get("DESCRIPTION", "")),
+            unit=_unit(node, unit_hint),
+            low=float(low) if low is not None else None,
+            high=float(high) if high is not None else None,
+            choices=choices,
+            access=int(node.get("ACCESS", 3)),
+            group=group,
+            path=str(node.get("FULL_PATH", f"{PREFIX}/{name}")),
+        )
+        with contextlib.suppress(TypeError, ValueError):
+            p.value = p.coerce(value)
+        out.append(p)
+    return out
+
+
+def fetch_tree(host: str, port: int, timeout: float = 1.0) -> dict[str, Any]:
+    """GET the OSCQuery tree; raises OSError (nothing listening, timeout, HTTP error) or ValueError (not JSON).
+
+    The connection is kept alive until the body is read and then closed by
+    this side, so the TIME_WAIT of the TCP close lands on our ephemeral port,
+    not on the engine's listening port (which a restarted engine must bind again).
+    """
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/", headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise OSError(f"OSCQuery at {host}:{port} answered HTTP {resp.status}")
+    except http.client.HTTPException as exc:
+        raise OSError(f"OSCQuery at {host}:{port}: {exc}") from exc
+    finally:
+        conn.close()
+    return json.loads(body.decode("utf-8"))
+
+
+def engine_answers(host: str, oscquery_port: int, timeout: float = 0.5) -> bool:
+    """Does an engine answer at this OSCQuery port?"""
+    try:
+        tree = fetch_tree(host, oscquery_port, timeout)
+    except (OSError, ValueError):
+        return False
+    return isinstance(tree, dict) and "CONTENTS" in tree
+
+
+# --------------------------------------------------------------------------- the OSC client
+
+
+def build_message(address: str, args: Sequence[Any]) -> bytes:
+    """One OSC message (bool -> T/F, int -> i, float -> f, str -> s, bytes -> b)."""
+    b = OscMessageBuilder(address)
+    for a in args:
+        b.add_arg(a)
+    return b.build().dgram
+
+
+@dataclass
+class Throttle:
+    """At most one send per key every ``interval`` seconds; the latest value waits and always goes in the end."""
+
+    interval: float = 0.02
+    last: dict[str, float] = field(default_factory=dict)
+    pending: dict[str, Any] = field(default_factory=dict)
+
+    def offer(self, key: str, value: Any, now: float) -> bool:
+        """True: send ``value`` now. False: it is kept (replacing an older one) for :meth:`due`."""
+        if now - self.last.get(key, -math.inf) >= self.interval:
+            self.last[key] = now
+            self.pending.pop(key, None)
+            return True
+        self.pending[key] = value
+        return False
+
+    def due(self, now: float) -> list[tuple[str, Any]]:
+        """The kept values whose time has come (and forget them)."""
+        out = []
+        for key in list(self.pending):
+            if now - self.last.get(key, -math.inf) >= self.interval:
+                out.append((key, self.pending.pop(key)))
+                self.last[key] = now
+        return out
+
+    def next_due(self, now: float) -> float | None:
+        """Seconds until the next kept value is due (None: nothing kept)."""
+        if not self.pending:
+            return None
+        return max(0.0, min(self.last.get(k, -math.inf) + self.interval for k in self.pending) - now)
+
+
+MessageCallback = Callable[[str, list[Any]], None]
+
+
+class EngineClient:
+    """OSC + OSCQuery client of one engine; thread-safe; callbacks on its own threads.
+
+    ``on_message(address, args)`` hears every reply and feedback message;
+    ``on_tree(params)`` the parsed OSCQuery tree (after each (re)connection);
+    ``on_connection(bool)`` when the link comes up or goes down.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        osc_port: int = 9000,
+        oscquery_port: int = 9001,
+        *,
+        resubscribe_s: float = 5.0,
+        stale_s: float = 3.0,
+        retry_s: float = 1.0,
+        min_interval_s: float = 0.02,
+    ) -> None:
+        self.host = host
+        self.osc_port = int(osc_port)
+        self.oscquery_port = int(oscquery_port)
+        self.resubscribe_s = resubscribe_s
+        self.stale_s = stale_s
+        self.retry_s = retry_s
+        self.on_message: MessageCallback | None = None
+        self.on_tree: Callable[[list[ParamInfo]], None] | None = None
+        self.on_connection: Callable[[bool], None] | None = None
+        self._throttle = Throttle(min_interval_s)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._connected = False
+        self._last_rx = -math.inf
+        self._last_sub = -math.inf
+        self._need_tree = True
+        self._next_tree_try = 0.0
+        self.lease_s: float | None = None
+        self.tree: list[ParamInfo] = []
+        self.last_status: dict[str, Any] = {}
+        self.sent = 0
+        self.received = 0
+
+    # ------------------------------------------------------------------ life
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.osc_port)
+
+    @property
+    def local_port(self) -> int:
+        """The UDP port replies and feedback come to (0 before :meth:`start`)."""
+        return self._sock.getsockname()[1] if self._sock is not None else 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def start(self) -> None:
+        """Open the socket and start the receive and keeper threads (subscribing at once)."""
+        if self._sock is not None:
+            return
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        sock.settimeout(0.2)
+        self._sock = sock
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._rx_loop, name="cicada-gui-rx", daemon=True),
+            threading.Thread(target=self._keeper_loop, name="cicada-gui-keeper", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def close(self) -> None:
+        """Stop the threads and close the socket (the engine's lease runs out by itself)."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=2.0)
+        self._threads = []
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, address: str, *args: Any) -> bool:
+        """Send one message now; False if it could not be sent (no socket, network error)."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            sock.sendto(build_message(address, args), self.address)
+        except OSError as exc:  # no route, or an ICMP refusal reported on this socket
+            log.debug("send %s failed: %s", address, exc)
+            return False
+        self.sent += 1
+        return True
+
+    def set_param(self, name: str, value: Value) -> None:
+        """``/cicada/<name> <value>``, at most once per ``min_interval_s`` per parameter (the last value wins)."""
+        with self._lock:
+            now_ok = self._throttle.offer(name, value, time.monotonic())
+        if now_ok:
+            self.send(f"{PREFIX}/{name}", value)
+        else:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Send the throttled values that are due (the keeper thread does this by itself)."""
+        with self._lock:
+            due = self._throttle.due(time.monotonic())
+        for name, value in due:
+            self.send(f"{PREFIX}/{name}", value)
+
+    def subscribe(self) -> None:
+        self._last_sub = time.monotonic()
+        self.send(f"{PREFIX}/subscribe")
+
+    def request_tree(self) -> None:
+        """Fetch the OSCQuery tree again (on the keeper thread) and report it through ``on_tree``."""
+        self._need_tree = True
+        self._next_tree_try = 0.0
+        self._wake.set()
+
+    # ------------------------------------------------------------------ threads
+
+    def _rx_loop(self) -> None:
+        while not self._stop.is_set():
+            sock = self._sock
+            if sock is None:
+                return
+            try:
+                data, _ = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # ICMP port unreachable from an earlier send, or closed
+                if self._stop.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            try:
+                messages = [m.message for m in OscPacket(data).messages]
+            except Exception:
+                log.debug("not OSC: %r", data[:64])
+                continue
+            for msg in messages:
+                self._handle(msg.address, list(msg.params))
+
+    def _handle(self, address: str, args: list[Any]) -> None:
+        self.received += 1
+        self._last_rx = time.monotonic()
+        if not self._connected:
+            self._connected = True
+            self._need_tree = True
+            self._next_tree_try = 0.0
+            self._wake.set()
+            self._emit_connection(True)
+        if address == f"{PREFIX}/subscribed" and args:
+            with contextlib.suppress(TypeError, ValueError):
+                self.lease_s = float(args[0])
+        elif address == f"{PREFIX}/status" and args and isinstance(args[0], str):
+            with contextlib.suppress(ValueError):
+                self.last_status = json.loads(args[0])
+        cb = self.on_message
+        if cb is not None:
+            try:
+                cb(address, args)
+            except Exception:
+                log.exception("message handler failed on %s", address)
+
+    def _emit_connection(self, up: bool) -> None:
+        cb = self.on_connection
+        if cb is not None:
+            try:
+                cb(up)
+            except Exception:
+                log.exception("connection handler failed")
+
+    def _keeper_loop(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.flush()
+            if self._connected and now - self._last_rx > self.stale_s:
+                self._connected = False
+                self._emit_connection(False)
+            every = self.resubscribe_s if self._connected else self.retry_s
+            if self.lease_s:
+                every = min(every, max(0.5, self.lease_s / 3.0))
+            if now - self._last_sub >= every:
+                self.subscribe()
+                if not self._connected:
+                    self.send(f"{PREFIX}/status")  # answered at once, even before the subscription takes
+            if self._need_tree and now >= self._next_tree_try:
+                self._fetch_tree()
+            with self._lock:
+                wait = self._throttle.next_due(time.monotonic())
+            self._wake.wait(0.25 if wait is None else min(0.25, max(wait, 0.002)))
+            self._wake.clear()
+
+    def _fetch_tree(self) -> None:
+        try:
+            params = parse_tree(fetch_tree(self.host, self.oscquery_port, timeout=1.0))
+        except (OSError, ValueError) as exc:
+            log.debug("OSCQuery fetch failed: %s", exc)
+            self._next_tree_try = time.monotonic() + self.retry_s
+            return
+        self._need_tree = False
+        self.tree = params
+        cb = self.on_tree
+        if cb is not None:
+            try:
+                cb(params)
+            except Exception:
+                log.exception("tree handler failed")
