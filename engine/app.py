@@ -21,6 +21,8 @@ from engine import pack as packfmt
 from engine import presets
 from engine.conditioner import PromptError
 from engine.generator import Generator, GeneratorError, GenParams
+from engine.params import PROMPT_SLOTS, ParamError, Registry
+from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     # engine.stream pulls in numba (engine.post): imported where it is used, so that `play` can start the
@@ -62,6 +64,13 @@ class RunOptions:
     device: str | None = None
     connect: list[str] | None = None
     rate: int | None = None  # output rate (render: resample to it; play: ask the device for it)
+    null_sink: bool = False  # play into a real-time null sink (no sound device)
+    osc_host: str = "127.0.0.1"
+    osc_port: int | None = None  # None: the default port, and carry on without OSC if it is taken; 0: off
+    oscquery_port: int | None = None
+    osc_allow: list[str] | None = None
+    midi_in: str | None = None
+    midi_virtual: str | None = None
 
 
 def pack_path(given: Path | None) -> Path:
@@ -78,24 +87,41 @@ def pack_path(given: Path | None) -> Path:
     )
 
 
-def initial_params(opts: RunOptions) -> tuple[GenParams, int, float]:
-    """(params, seed, gain_db) from the preset, overridden by --prompt / --seed."""
-    gain_db = 0.0
-    seed = 0
-    params = GenParams()
+def initial_registry(opts: RunOptions) -> tuple[Registry, presets.Preset | None]:
+    """The parameter registry at start: defaults, then the preset, then --prompt / --seed / --latency / --ceiling."""
+    reg = Registry()
+    pre = None
+    values: dict[str, Any] = {}
     if opts.preset:
         try:
             pre = presets.load(opts.preset)
         except presets.PresetError as exc:
             raise AppError(str(exc)) from None
-        params = pre.gen_params()
-        gain_db = pre.gain_db
-        seed = pre.seed if pre.seed is not None else 0
+        values.update(pre.values)
     if opts.prompt is not None:
-        params = GenParams(prompt=opts.prompt, sampling=params.sampling)
+        values.update(prompt=opts.prompt, prompt_b="")
     if opts.seed is not None:
-        seed = opts.seed
-    return params, seed, gain_db
+        values["seed"] = opts.seed
+    values["latency_ms"] = opts.latency_ms
+    values["ceiling_db"] = opts.ceiling_db
+    try:
+        for change in reg.update(values, source="start"):
+            if change.warning and change.name in ("latency_ms", "ceiling_db"):
+                raise AppError(change.warning.replace(" set to", " use a value in range, e.g."))
+    except ParamError as exc:
+        raise AppError(str(exc)) from None
+    return reg, pre
+
+
+def initial_params(opts: RunOptions) -> tuple[GenParams, int, float]:
+    """(params, seed, gain_db) from the preset, overridden by --prompt / --seed."""
+    reg, _ = initial_registry(opts)
+    s = reg.snapshot()
+    params = GenParams(
+        prompt=str(s["prompt"]), prompt_b=str(s["prompt_b"]), morph=float(s["morph"]),
+        sampling=SamplingParams(float(s["temperature"]), int(s["top_k"]), float(s["top_p"]), float(s["guidance"])),
+    )
+    return params, int(s["seed"]), float(s["gain_db"])
 
 
 def open_generator(opts: RunOptions, pack: packfmt.Pack, params: GenParams, seed: int) -> Generator:
@@ -245,8 +271,10 @@ def run_live(
 ) -> int:
     """Play until SIGINT/SIGTERM (or ``seconds``): the engine of `play` and `serve`."""
     from engine.audio import AudioError, DeviceSink, FileSink
+    from engine.control.controller import Controller
 
     pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
+    registry, preset = initial_registry(opts)
     params, seed, gain_db = initial_params(opts)
     gen_box: dict[str, Generator] = {}
     # Load the pack while the audio process starts: both take a moment.
@@ -255,16 +283,24 @@ def run_live(
     def load() -> None:
         try:
             from engine.post import OutputSafety
+            from engine.sampling import warmup
 
             OutputSafety(48000, 2)  # loads the compiled DSP (numba cache) while the rest starts
+            warmup()
             gen_box["gen"] = open_generator(opts, pack, params, seed)
         except BaseException as exc:
             err.append(exc)
 
     loader = threading.Thread(target=load, daemon=True)
     loader.start()
-    sink: Any = DeviceSink(opts.device, pack.audio.channels, opts.rate or pack.audio.sample_rate, opts.latency_ms,
-                           jack_connect=opts.connect)
+    sink: Any
+    if opts.null_sink:
+        from engine.audio import NullSink
+
+        sink = NullSink(opts.rate or pack.audio.sample_rate, pack.audio.channels, realtime=True)
+    else:
+        sink = DeviceSink(opts.device, pack.audio.channels, opts.rate or pack.audio.sample_rate, opts.latency_ms,
+                          jack_connect=opts.connect)
     try:
         sink.start()
     except AudioError as exc:
@@ -285,6 +321,21 @@ def run_live(
         raise AppError(f"cannot open the pack: {err[0]}")
     gen = gen_box["gen"]
     stream = make_stream(gen, sink, opts, gain_db)
+    controller = Controller(registry, gen, stream)
+    # empty prompt slots start with the pack's own prompts, so notes and /cicada/select work at once
+    slots = {f"slot_{i + 1}": text for i, text in enumerate(pack.prompts[:PROMPT_SLOTS])
+             if not str(registry.get(f"slot_{i + 1}")).strip()}
+    if slots:
+        registry.update(slots, source="start")
+    if preset is not None:
+        controller.preset_name = preset.name
+        controller.midi_mapping = dict(preset.midi)
+        controller.osc_aliases = dict(preset.osc)
+    try:
+        surfaces = start_surfaces(opts, controller)
+    except AppError:
+        sink.stop(fade=False)
+        raise
     lat = stream.latency_report
     log.info("latency: %s", ", ".join(f"{k} {v:.1f}" for k, v in lat.items()))
     stop = threading.Event()
@@ -323,8 +374,75 @@ def run_live(
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        for surface in reversed(surfaces):
+            try:
+                surface.stop()
+            except Exception as exc:  # shutting down: report, go on
+                log.warning("stopping %s: %s", type(surface).__name__, exc)
+        controller.close()
         stream.panic()
         time.sleep(0.06)
         stream.stop()
         sink.stop(fade=True)
     return 0
+
+
+def start_surfaces(opts: RunOptions, controller: Any) -> list[Any]:
+    """OSC, OSCQuery and MIDI for a running engine, as the options ask; say where each listens.
+
+    The default OSC port is a convenience: if another program holds it, the engine plays on
+    without OSC and says so. A port or MIDI input asked for by name must work, or nothing starts.
+    """
+    from engine.control.osc import DEFAULT_OSC_PORT, OscServer, allow_networks
+    from engine.control.oscquery import DEFAULT_OSCQUERY_PORT, OscQueryServer
+
+    started: list[Any] = []
+
+    def fail(msg: str) -> None:
+        for s in reversed(started):
+            s.stop()
+        raise AppError(msg)
+
+    if opts.osc_port != 0:
+        try:
+            allow_networks(opts.osc_host, opts.osc_allow)  # listening beyond this machine needs an allow-list
+        except OSError as exc:
+            fail(str(exc))
+        osc = OscServer(controller, host=opts.osc_host, port=opts.osc_port or DEFAULT_OSC_PORT, allow=opts.osc_allow)
+        try:
+            osc.start()
+            started.append(osc)
+        except OSError as exc:
+            if opts.osc_port is not None:
+                fail(str(exc))
+            print(f"cicada: OSC off: {exc}", flush=True)
+            osc = None
+        if osc is not None:
+            q_port = opts.oscquery_port if opts.oscquery_port is not None else DEFAULT_OSCQUERY_PORT
+            query = OscQueryServer(controller.registry, host=opts.osc_host, port=q_port, osc_port=osc.port,
+                                   allow=opts.osc_allow)
+            try:
+                query.start()
+                started.append(query)
+                osc.oscquery_port = query.port
+                where = f", OSCQuery http://{opts.osc_host}:{query.port}/"
+            except OSError as exc:
+                if opts.oscquery_port is not None:
+                    fail(str(exc))
+                osc.oscquery_port = None
+                where = f" (OSCQuery off: {exc})"
+            print(f"cicada: OSC on udp {opts.osc_host}:{osc.port}{where}", flush=True)
+    if opts.midi_in or opts.midi_virtual:
+        from engine.control.midi import MidiInput, MidiMap
+
+        try:
+            mapping = MidiMap.from_dict(controller.midi_mapping) if controller.midi_mapping else None
+            midi = MidiInput(controller, port=opts.midi_in, virtual=opts.midi_virtual, mapping=mapping)
+            midi.start()
+        except (OSError, ValueError, RuntimeError) as exc:
+            fail(f"MIDI: {exc}")
+        started.append(midi)
+        controller.midi_source = midi.mapping.to_dict
+        controller.midi = midi
+        print(f"cicada: MIDI in {opts.midi_in or opts.midi_virtual!r}", flush=True)
+    return started

@@ -111,6 +111,13 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         device=getattr(args, "device", None),
         connect=getattr(args, "connect", None),
         rate=args.rate,
+        null_sink=getattr(args, "null", False),
+        osc_host=getattr(args, "osc_host", "127.0.0.1"),
+        osc_port=getattr(args, "osc_port", 0),
+        oscquery_port=getattr(args, "oscquery_port", None),
+        osc_allow=getattr(args, "osc_allow", None),
+        midi_in=getattr(args, "midi_in", None),
+        midi_virtual=getattr(args, "midi_virtual", None),
     )
 
 
@@ -188,7 +195,49 @@ def _cmd_devices(args: argparse.Namespace) -> int:
         print(list_devices())
     except AudioError as exc:
         raise UserError(str(exc)) from None
+    from engine.control.midi import MidiError, list_ports
+
+    try:
+        ports = list_ports()
+        print("MIDI inputs (--midi-in NAME):" if ports else "MIDI inputs: none")
+        for name in ports:
+            print(f"  {name}")
+    except MidiError as exc:
+        print(f"MIDI inputs: {exc}")
     return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    import json
+
+    from engine import presets
+
+    rows = []
+    for name in presets.names():
+        try:
+            pre = presets.load(name)
+            rows.append({"name": name, "path": str(pre.path), "description": pre.description, "prompt": pre.prompt,
+                         "prompt_b": pre.prompt_b})
+        except presets.PresetError as exc:
+            rows.append({"name": name, "error": str(exc)})
+    if args.json:
+        print(json.dumps({"user_folder": str(presets.user_dir()), "presets": rows}, indent=2))
+        return 0
+    for i, r in enumerate(rows):
+        text = r.get("error") or r["description"] or r["prompt"]
+        user = " (saved)" if "path" in r and Path(r["path"]).parent == presets.user_dir() else ""
+        print(f"{i:3d}  {r['name']}{user}: {text}")
+    print(f"saved presets go to {presets.user_dir()} (the number is the MIDI program change that loads it)")
+    return 0
+
+
+def _cmd_gui(args: argparse.Namespace) -> int:
+    try:
+        from gui.app import main as gui_main
+    except ImportError as exc:
+        raise UserError(f"the panel needs PyQt6: pip install -e '.[gui]' ({exc})") from None
+    rest = list(args.gui_args)
+    return int(gui_main(rest[1:] if rest[:1] == ["--"] else rest) or 0)
 
 
 @_app_errors
@@ -340,6 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--connect", nargs="+", default=None, metavar="PORT",
                       help="JACK ports to connect to, by name (e.g. system:playback_1 system:playback_2)")
     live.add_argument("--seconds", type=_positive(float), default=None, help="stop after this long (default: run)")
+    live.add_argument("--null", action="store_true",
+                      help="no sound device: generate in real time into a null sink (remote control, monitoring, tests)")
+    ctl = live.add_argument_group("control (OSC, OSCQuery, MIDI)")
+    ctl.add_argument("--osc-port", type=int, default=None, metavar="N",
+                     help="OSC UDP port (default 9000; 0 = no OSC). See docs/osc.md for the addresses")
+    ctl.add_argument("--oscquery-port", type=int, default=None, metavar="M",
+                     help="OSCQuery HTTP port for controllers that discover parameters (default 9001)")
+    ctl.add_argument("--osc-host", default="127.0.0.1", metavar="ADDR",
+                     help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 = all, "
+                          "needs --osc-allow)")
+    ctl.add_argument("--osc-allow", nargs="+", default=None, metavar="ADDR",
+                     help="client addresses or networks allowed to send OSC (e.g. 192.168.1.20 10.0.0.0/24)")
+    ctl.add_argument("--midi-in", default=None, metavar="NAME",
+                     help="MIDI input port to open (part of its name; see `cicada devices`)")
+    ctl.add_argument("--midi-virtual", default=None, metavar="NAME",
+                     help="create a virtual MIDI input with this name (ALSA, or JACK when there is no ALSA sequencer)")
 
     p = sub.add_parser("play", parents=[gen, live], help="play the default pack and preset now")
     p.add_argument("--out", type=Path, default=None, help="render into this WAV/FLAC file instead (needs --seconds)")
@@ -391,8 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("devices", help="list sound devices and JACK ports")
+    p = sub.add_parser("devices", help="list sound devices, JACK ports and MIDI inputs")
     p.set_defaults(func=_cmd_devices)
+
+    p = sub.add_parser("presets", help="list the presets (shipped and saved) with their prompts")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("gui", help="the control panel (connects to a running engine, or starts one)", add_help=False)
+    p.add_argument("gui_args", nargs=argparse.REMAINDER, help="panel options (cicada gui --help)")
+    p.set_defaults(func=_cmd_gui)
 
     p = sub.add_parser("bench", help="time a pack: steps, frames, control latency, memory, reference ratios")
     p.add_argument("--pack", type=Path, default=None, help="pack folder (default: the default pack)")
@@ -417,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gui"]:  # the panel parses its own options (argparse cannot pass "--x" through)
+        argv = ["gui", "--", *argv[1:]]
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(

@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 job="${1:-run}"
 shift || true
 
-SYSTEM_PACKAGES=(python3-venv python3-dev libportaudio2 libsndfile1 jackd2 jack-tools)
+# Qt offscreen (the panel and its tests): libegl1 .. fonts-dejavu-core
+SYSTEM_PACKAGES=(python3-venv python3-dev libportaudio2 libsndfile1 jackd2 jack-tools
+  libegl1 libgl1 libxkbcommon0 libfontconfig1 libfreetype6 libdbus-1-3 libglib2.0-0 libx11-6 fonts-dejavu-core)
 
 install_system() {
   local missing=()
