@@ -11,18 +11,24 @@ Everything in one run, side by side, because the machines are shared and noisy:
 - ``control_latency_ms_p95``  a prompt change to the first output sample that reflects it,
                        streaming in real time into a null sink at the latency setting
 - ``rss_mb``           resident memory of this process after all of the above
-- ``speedup_vs_torch_eager``  the same architecture stepped in PyTorch eager, per frame
+- ``speedup_vs_torch_eager``  the same architecture stepped in PyTorch eager, per frame: the median
+                       of several rounds, each timing cicada's frames and eager's frames back to back
+                       (``speedup_vs_torch_eager_rounds``), so a machine whose load drifts during the
+                       run moves both sides of each ratio together
 - ``speedup_vs_transformers`` transformers' own ``generate`` with a streamer, per second of audio
 
-The PyTorch figures come from ``python -m export.reference`` in a subprocess, so
-torch never loads into the engine (and never inflates ``rss_mb``).
+The PyTorch figures come from ``python -m export.reference --paired`` in subprocesses, so
+torch never loads into the engine (and never inflates ``rss_mb``); they sleep (SIGSTOP)
+while cicada is timed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -155,34 +161,93 @@ def control_latency(pack: packfmt.Pack, latency_ms: float, changes: int, prompts
     }
 
 
-def _reference_once(pack_path: Path, steps: int, threads: int, transformers: bool, policy: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "export.reference", "--pack", str(pack_path), "--steps", str(steps),
-           "--threads", str(threads)]
-    if not transformers:
-        cmd.append("--skip-transformers")
-    env = {**os.environ, "OMP_WAIT_POLICY": policy}
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False,
-                             cwd=Path(__file__).resolve().parent.parent)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"reference_error": str(exc)}
-    if res.returncode != 0:
-        tail = (res.stderr or "").strip().splitlines()[-1:] or ["no output"]
-        return {"reference_error": f"export.reference failed: {tail[0]} (needs the export extra: torch, transformers)"}
-    try:
-        return json.loads(res.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        return {"reference_error": "export.reference printed no JSON"}
+class PairedReference:
+    """``python -m export.reference --paired`` in a subprocess, frozen (SIGSTOP) except while it answers.
 
-
-def reference(pack_path: Path, steps: int, threads: int, transformers: bool) -> dict[str, Any]:
-    """PyTorch's best case, from ``python -m export.reference`` in subprocesses (torch stays out of this one).
-
-    OpenMP's wait policy decides how fast torch is on small models, and which one wins depends on the
-    machine and its load (spinning threads help on an idle machine, hurt on a busy one); torch reads it at
-    start-up. So the reference runs once with each, and every timing keeps the faster of the two.
+    torch stays out of this process; while cicada's own timings run, the reference cannot
+    take a core, not even with idle OpenMP threads spinning (``OMP_WAIT_POLICY=ACTIVE``).
     """
-    runs = {p: _reference_once(pack_path, steps, threads, transformers, p) for p in ("ACTIVE", "PASSIVE")}
+
+    def __init__(self, pack_path: Path, threads: int, transformers: bool, policy: str) -> None:
+        import tempfile
+
+        cmd = [sys.executable, "-m", "export.reference", "--pack", str(pack_path), "--threads", str(threads),
+               "--paired"]
+        if not transformers:
+            cmd.append("--skip-transformers")
+        self.policy = policy
+        self.log = tempfile.TemporaryFile(mode="w+")  # its stderr (a pipe nobody reads could fill and block it)
+        self.error: str | None = None
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "OMP_WAIT_POLICY": policy},
+                                     cwd=Path(__file__).resolve().parent.parent)
+
+    def _read(self, timeout: float) -> dict[str, Any] | None:
+        import selectors
+
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                self.error = f"export.reference ({self.policy}) gave no answer in {timeout:g} s"
+                return None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            tail = (self.log.read().strip().splitlines() or ["no output"])[-1]
+            self.error = f"export.reference failed: {tail} (needs the export extra: torch, transformers)"
+            return None
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            self.error = "export.reference printed something that is not JSON"
+            return None
+
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+
+    def ready(self, timeout: float = 600.0) -> bool:
+        """Wait for its warm-up, then freeze it."""
+        msg = self._read(timeout)
+        if msg is not None and not msg.get("ready"):
+            self.error = msg.get("unsupported") or f"export.reference: {msg}"
+            return False
+        self._signal(signal.SIGSTOP)
+        return msg is not None
+
+    def ask(self, request: str, timeout: float = 600.0) -> dict[str, Any] | None:
+        """Thaw it, send one request, read the answer, freeze it again."""
+        if self.error is not None:
+            return None
+        assert self.proc.stdin is not None
+        self._signal(signal.SIGCONT)
+        try:
+            self.proc.stdin.write(request + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            self.error = f"export.reference stopped: {exc}"
+            return None
+        msg = self._read(timeout)
+        if request != "finish":
+            self._signal(signal.SIGSTOP)
+        return msg
+
+    def close(self) -> None:
+        self._signal(signal.SIGCONT)
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _best_of(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One reference record: each timing the faster of the two OpenMP wait policies."""
     ok = [r for r in runs.values() if "reference_error" not in r]
     if not ok:
         return runs["PASSIVE"]
@@ -206,20 +271,66 @@ def run(
     compare: bool = True,
     transformers: bool = True,
     threads: int = 2,
+    rounds: int = 5,
 ) -> dict[str, Any]:
+    """Everything in one JSON-able dict. With ``compare``, the speed-up against PyTorch eager is the median of
+    ``rounds`` ratios, each from cicada's frames and eager's frames timed back to back (OpenMP's wait policy
+    decides how fast torch is on small models, and which one wins depends on the machine and its load, so each
+    round keeps the faster of a spinning and a passive reference)."""
     pack = packfmt.load(pack_path)
     prompts = list(pack.prompts[:4]) or ["rain on a tin roof", "a cello drone", "crackling fire", "birdsong"]
     out: dict[str, Any] = {"pack": str(pack.path), "pack_name": pack.name, "quantization": pack.lm["quantization"],
                            "cpu_count": os.cpu_count(), "latency_setting_ms": latency_ms}
-    out.update(step_timings(pack, steps, prompts[0]))
-    out.update(frame_timings(pack, steps, prompts[0]))
-    out.update(control_latency(pack, latency_ms, changes, prompts))
-    out["rss_mb"] = rss_mb()
-    if compare:
-        ref = reference(pack.path, min(steps, 200), threads, transformers)
-        out["reference"] = ref
-        eager = ref.get("torch_eager_frame_ms_p50")
-        out["speedup_vs_torch_eager"] = eager / out["frame_ms_p50"] if eager else None
-        tf = ref.get("transformers_s_per_audio_s")
-        out["speedup_vs_transformers"] = tf / out["rtf"] if tf else None
+    refs: dict[str, PairedReference] = {}
+    failed: dict[str, str] = {}
+    if compare:  # torch loads and warms up now, then sleeps (SIGSTOP) while cicada is timed
+        started = {p: PairedReference(pack.path, threads, transformers, p) for p in ("ACTIVE", "PASSIVE")}
+        for p, r in started.items():
+            if r.ready():
+                refs[p] = r
+            else:
+                failed[p] = r.error or "no answer"
+                r.close()
+    try:
+        out.update(step_timings(pack, steps, prompts[0]))
+        out.update(frame_timings(pack, steps, prompts[0]))
+        out.update(control_latency(pack, latency_ms, changes, prompts))
+        out["rss_mb"] = rss_mb()
+        if compare:
+            out.update(_paired_rounds(pack, refs, rounds, max(50, steps // rounds), prompts[0]))
+            if failed and not refs:
+                out["reference"] = {"reference_error": "; ".join(sorted(set(failed.values())))}
+    finally:
+        for r in refs.values():
+            if r.proc.poll() is None:
+                r.close()
+    return out
+
+
+def _paired_rounds(pack: packfmt.Pack, refs: dict[str, PairedReference], rounds: int, frames: int,
+                   prompt: str) -> dict[str, Any]:
+    ratios: list[float] = []
+    eager_rounds: list[float] = []
+    ours_rounds: list[float] = []
+    for _ in range(rounds):
+        ours = frame_timings(pack, frames, prompt)["frame_ms_p50"]
+        eager = [a["torch_eager_frame_ms_p50"] for r in refs.values()
+                 if (a := r.ask(f"frames {frames}")) is not None and "torch_eager_frame_ms_p50" in a]
+        if not eager:
+            break
+        ours_rounds.append(ours)
+        eager_rounds.append(min(eager))
+        ratios.append(min(eager) / ours)
+    finals = {p: (r.ask("finish") or {"reference_error": r.error or "no answer"}) for p, r in refs.items()}
+    for p, r in refs.items():
+        if r.error and "reference_error" not in finals[p]:
+            finals[p]["reference_error"] = r.error
+    out: dict[str, Any] = {"reference": _best_of(finals) if finals else {"reference_error": "no reference ran"}}
+    out["speedup_vs_torch_eager"] = float(np.median(ratios)) if ratios else None
+    out["speedup_vs_torch_eager_rounds"] = [round(x, 2) for x in ratios]
+    out["paired_rounds"] = {"frames_per_round": frames, "cicada_frame_ms_p50": [round(x, 3) for x in ours_rounds],
+                            "torch_eager_frame_ms_p50": [round(x, 3) for x in eager_rounds]}
+    tf = out["reference"].get("transformers_s_per_audio_s")
+    ours_rtf = float(np.median(ours_rounds)) / (1000.0 / pack.audio.frame_rate) if ours_rounds else None
+    out["speedup_vs_transformers"] = tf / ours_rtf if tf and ours_rtf else None
     return out

@@ -248,7 +248,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from engine.bench import run
 
     result = run(pack_path(args.pack), steps=args.steps, latency_ms=args.latency, compare=not args.no_compare,
-                 transformers=not args.no_transformers, threads=2)
+                 transformers=not args.no_transformers, threads=2, rounds=args.rounds)
     if args.json:
         print(json.dumps(result, indent=None if args.compact else 2, default=float))
     else:
@@ -475,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", type=_positive(float), default=60.0, help="latency setting for the control test")
     p.add_argument("--no-compare", action="store_true", help="skip the PyTorch / transformers reference runs")
     p.add_argument("--no-transformers", action="store_true", help="skip only the transformers reference")
+    p.add_argument("--rounds", type=_positive(int), default=5,
+                   help="paired rounds (cicada, then eager, back to back) for the eager ratio (default 5)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("eval", help="how well a pack follows its prompts (text-sound match) and its codec metrics")

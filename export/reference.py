@@ -435,10 +435,8 @@ class EagerStream:
         }
 
 
-def measure_torch_eager(
-    pack: packfmt.Pack, arch: Architecture, steps: int, warmup: int = WARMUP_STEPS
-) -> dict[str, Any]:
-    """Per-frame PyTorch eager timings of the pack's architecture (random weights)."""
+def warm_eager(pack: packfmt.Pack, arch: Architecture, warmup: int = WARMUP_STEPS) -> EagerStream:
+    """An EagerStream past its warm-up steps and the delay pattern's first frames."""
     with torch.inference_mode():
         s = EagerStream(pack, arch)
         if s.mismatches:
@@ -450,8 +448,26 @@ def measure_torch_eager(
         done = 0
         while done < warmup or s.position <= max(pack.codebooks.delays):
             done += s.block()["lm_steps"]
-        f = s.frames
-        blocks = [s.block() for _ in range(max(1, math.ceil(steps / f)))]
+    return s
+
+
+def eager_blocks(s: EagerStream, frames: int) -> list[dict[str, float]]:
+    """Time at least ``frames`` more frames of a warm EagerStream, block by block."""
+    with torch.inference_mode():
+        return [s.block() for _ in range(max(1, math.ceil(frames / s.frames)))]
+
+
+def measure_torch_eager(
+    pack: packfmt.Pack, arch: Architecture, steps: int, warmup: int = WARMUP_STEPS
+) -> dict[str, Any]:
+    """Per-frame PyTorch eager timings of the pack's architecture (random weights)."""
+    s = warm_eager(pack, arch, warmup)
+    return summarize_eager(pack, s, eager_blocks(s, steps))
+
+
+def summarize_eager(pack: packfmt.Pack, s: EagerStream, blocks: list[dict[str, float]]) -> dict[str, Any]:
+    """Percentiles per frame of timed blocks."""
+    f = s.frames
     per = {k: [b[k] / f for b in blocks] for k in ("lm", "forward", "sample", "decode", "frame")}
     lm50, lm99 = _pcts(per["lm"])
     d50, d99 = _pcts(per["decode"])
@@ -672,21 +688,67 @@ def measure(
     out.update(measure_torch_eager(pack, arch, steps))
     log.info("torch eager: %.2f ms/frame (p50) in %.1f s", out["torch_eager_frame_ms_p50"], time.perf_counter() - t0)
     if transformers:
-        try:
-            out["transformers_version"] = __import__("transformers").__version__
-            t0 = time.perf_counter()
-            out.update(measure_transformers(pack, arch, seconds))
-            log.info(
-                "transformers: %.3f s per audio second in %.1f s",
-                out["transformers_s_per_audio_s"],
-                time.perf_counter() - t0,
-            )
-        except Exception as exc:  # noqa: BLE001 - an API mismatch must not cost the eager figures
-            log.exception("transformers reference failed")
-            out["transformers_error"] = (
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            )
+        _transformers_into(out, pack, arch, seconds)
     return out
+
+
+def serve_paired(pack_path: str | Path, threads: int, seconds: float, transformers: bool) -> int:
+    """Timings on request, so that a caller can interleave them with its own (``--paired``).
+
+    One JSON line per answer on stdout. After warm-up: ``{"ready": true}``. Then, for each line
+    on stdin: ``frames N`` times N more eager frames and answers ``{"torch_eager_frame_ms_p50": ...}``;
+    ``finish`` answers what :func:`measure` would (every frame timed so far, then transformers if
+    asked) and exits. The caller may stop this process (SIGSTOP) between requests, so that idle
+    OpenMP threads cannot spin while it measures.
+    """
+    torch.set_num_threads(threads)
+    pack = packfmt.load(pack_path)
+    out: dict[str, Any] = {"pack": str(pack.path), "pack_name": pack.name, "threads": threads,
+                           "torch_version": torch.__version__, "omp_wait_policy": OMP_WAIT_POLICY}
+    try:
+        arch = derive_architecture(pack)
+    except Exception as exc:  # noqa: BLE001 - reported: the bench goes on without reference figures
+        out["unsupported"] = f"cannot rebuild this pack's architecture in PyTorch: {type(exc).__name__}: {exc}"
+        _answer(out)
+        return 0
+    out["reference_architecture"] = arch.how
+    stream = warm_eager(pack, arch)
+    _answer({"ready": True})
+    timed: list[dict[str, float]] = []
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[:1] == ["frames"] and len(cmd) == 2 and cmd[1].isdigit():
+            blocks = eager_blocks(stream, int(cmd[1]))
+            timed += blocks
+            _answer(summarize_eager(pack, stream, blocks))
+        elif cmd == ["finish"]:
+            break
+        else:
+            _answer({"error": f"unknown request {line.strip()!r}: send 'frames N' or 'finish'"})
+    out["steps"] = len(timed) * stream.frames
+    if timed:
+        out.update(summarize_eager(pack, stream, timed))
+    if transformers:
+        _transformers_into(out, pack, arch, seconds)
+    _answer(out)
+    return 0
+
+
+def _answer(obj: dict[str, Any]) -> None:
+    sys.__stdout__.write(json.dumps(obj) + "\n")
+    sys.__stdout__.flush()
+
+
+def _transformers_into(out: dict[str, Any], pack: packfmt.Pack, arch: Architecture, seconds: float) -> None:
+    try:
+        out["transformers_version"] = __import__("transformers").__version__
+        t0 = time.perf_counter()
+        out.update(measure_transformers(pack, arch, seconds))
+        log.info("transformers: %.3f s per audio second in %.1f s", out["transformers_s_per_audio_s"],
+                 time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - an API mismatch must not cost the eager figures
+        log.exception("transformers reference failed")
+        out["transformers_error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -696,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--seconds", type=float, default=4.0, help="seconds of audio for transformers' generate")
     ap.add_argument("--skip-transformers", action="store_true", help="PyTorch eager only")
+    ap.add_argument("--paired", action="store_true",
+                    help="answer 'frames N' / 'finish' requests on stdin (for interleaved side-by-side timing)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.threads < 1 or args.seconds <= 0:
         ap.error("--steps and --threads must be >= 1 and --seconds > 0")
@@ -704,7 +768,10 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
-    # stdout carries exactly one JSON line: anything a library prints goes to stderr.
+    # stdout carries exactly one JSON line (per answer): anything a library prints goes to stderr.
+    if args.paired:
+        with contextlib.redirect_stdout(sys.stderr):
+            return serve_paired(args.pack, args.threads, args.seconds, transformers=not args.skip_transformers)
     with contextlib.redirect_stdout(sys.stderr):
         result = measure(args.pack, args.steps, args.threads, args.seconds, transformers=not args.skip_transformers)
     print(json.dumps(result), flush=True)
