@@ -443,10 +443,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
     p.add_argument("--context", type=_positive(int), default=None, help="ring-cache frames of the pack (default 150)")
     p.set_defaults(func=_cmd_train)
+    p = trs.add_parser("decoder", parents=[run],
+                       help="optional: fine-tune the codec's decoder on its frozen tokens (the LM stays valid)")
+    p.add_argument("--out", type=Path, default=root / "decoder", help="run folder (default out/train/decoder)")
+    p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
+    p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
     p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
     p.add_argument("--lm", type=Path, default=root / "lm" / "checkpoint.pt", help="LM checkpoint")
+    p.add_argument("--decoder", type=Path, default=None,
+                   help="a `cicada train decoder` checkpoint whose decoder replaces the codec's")
     p.add_argument("--quantize", choices=["none", "int8"], default="int8", help="LM weights (default int8)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)

@@ -12,11 +12,13 @@
 
 The LM for block n+1 runs while the decoder renders block n: with one ONNX
 Runtime thread each, two cores do both (pipelining beats two intra-op threads
-one after the other). The LM worker starts a block only when it fits:
-``sink.queued() + blocks in flight + this block <= latency target``, so the
-latency setting is the most audio ever queued ahead of the speaker,
-parameters are read as late as possible, and a change is heard after at most
-``latency + delay pattern + one block's compute``.
+one after the other). The LM worker starts a block when half of it fits:
+``sink.queued() + blocks in flight + block / 2 <= latency target``, so the
+queue holds the latency setting on average (between half a block below and
+half a block above it), parameters are read as late as possible, and a change
+is heard after about ``latency + block / 2 + delay pattern + one block's
+compute``. (Filling to the setting at most would shave half a block off that,
+at the price of half a block less slack against a late audio server.)
 
 A block that comes out of the decoder with NaN or Inf is replaced by silence,
 counted, and the generator is reset (fresh context, same prompt): the stream
@@ -196,9 +198,9 @@ class Stream:
             "block_ms": block_ms,
             "post_ms": post_ms,
             "buffer_ms": self.latency_ms,
-            # worst case: the buffer is full when the change lands (it never holds more than the latency
-            # setting); add the compute of the next step, which `cicada bench` measures
-            "total_ms": gen_ms + post_ms + self.latency_ms,
+            # worst case: the queue is at its fullest (latency + half a block) when the change lands;
+            # add the compute of the next step, which `cicada bench` measures
+            "total_ms": gen_ms + post_ms + self.latency_ms + block_ms / 2,
         }
 
     # ------------------------------------------------------------------ control
@@ -272,9 +274,9 @@ class Stream:
         return run
 
     def _wait_for_room(self) -> bool:
-        """Block until another block fits under the target (queued + in flight + one block)."""
+        """Block until the queue, with the blocks in flight and half the next one, is at most the target."""
         while self._running.is_set():
-            ahead = self.sink.queued() + (self._produced - self._consumed + 1) * self.block_out_samples
+            ahead = self.sink.queued() + (self._produced - self._consumed + 0.5) * self.block_out_samples
             excess = ahead - max(self.target_samples, self.block_out_samples)
             if excess <= 0:
                 return True

@@ -92,6 +92,22 @@ class CodecTrainConfig:
 
 
 @dataclass
+class DecoderTrainConfig:
+    """Decoder fine-tuning on a trained codec: encoder and codebooks frozen, so the tokens (and the LM
+    trained on them) stay valid while the sound gets better. Optional; not part of ``train all``."""
+
+    seed: int = 0
+    steps: int = 6000
+    minutes: float = 60.0
+    batch: int = 8
+    segment: float = 0.4
+    lr: float = 3e-4
+    warmup: int = 100
+    wave_weight: float = 0.1
+    batch_offset: int = 1_000_000  # batches the codec stage never saw
+
+
+@dataclass
 class LMTrainConfig:
     """LM training at the defaults: about 30 minutes on 2 CPU cores.
 
@@ -467,14 +483,85 @@ def train_codec(
     return record
 
 
-def load_codec(path: str | Path) -> tuple[Codec, dict[str, Any]]:
-    """A trained codec (eval mode) and its record, from a codec checkpoint."""
+def load_codec(path: str | Path, decoder: str | Path | None = None) -> tuple[Codec, dict[str, Any]]:
+    """A trained codec (eval mode) and its record, from a codec checkpoint; with ``decoder``, the decoder
+    weights of a ``cicada train decoder`` checkpoint made for this codec (its record then has ``decoder``)."""
     state = load_checkpoint(Path(path), "codec")
     if state.get("record", {}).get("stage") != "codec":
         raise TrainError(f"{path}: not a codec checkpoint (run `cicada train codec` first)")
     codec = Codec(CodecConfig(**state["config"]["codec"]))
     codec.load_state_dict(state["model"])
-    return codec.eval(), state["record"]
+    record = dict(state["record"])
+    if decoder is not None:
+        dstate = load_checkpoint(Path(decoder), "decoder")
+        drec = dstate.get("record", {})
+        if drec.get("stage") != "decoder":
+            raise TrainError(f"{decoder}: not a decoder checkpoint (run `cicada train decoder` first)")
+        if drec.get("codec_digest") != file_digest(Path(path)):
+            raise TrainError(f"{decoder} was fine-tuned on another codec than {path}; "
+                             "run `cicada train decoder --fresh` for this codec")
+        codec.decoder.load_state_dict(dstate["model"])
+        record["decoder"] = {k: v for k, v in drec.items() if k != "codec_record"}
+    return codec.eval(), record
+
+
+def train_decoder(
+    out: str | Path = DEFAULT_ROOT / "decoder",
+    cfg: DecoderTrainConfig | None = None,
+    *,
+    codec_checkpoint: str | Path = DEFAULT_ROOT / "codec" / CHECKPOINT,
+    device: str = "auto",
+    fresh: bool = False,
+    quiet: bool = False,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Fine-tune (or resume fine-tuning) a trained codec's decoder on its own frozen tokens."""
+    out = Path(out)
+    ckpt_path = out / CHECKPOINT
+    dev = pick_device(device)
+    codec, _ = load_codec(codec_checkpoint)
+    digest = file_digest(Path(codec_checkpoint))
+    state = None
+    if ckpt_path.exists() and not fresh:
+        state = load_checkpoint(ckpt_path, "decoder")
+        if state["record"].get("codec_digest") != digest:
+            raise TrainError(f"{ckpt_path} fine-tunes another codec than {codec_checkpoint}; pass --fresh")
+        cfg = resumed(DecoderTrainConfig(**state["config"]), cfg)
+        log.info("resuming the decoder from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
+    cfg = cfg or DecoderTrainConfig()
+    torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)
+    codec = codec.to(dev)
+    codec.encoder.eval().requires_grad_(False)
+    codec.quantizer.eval().requires_grad_(False)
+    codec.decoder.train()
+    opt = torch.optim.Adam(codec.decoder.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    loop = Loop("decoder")
+    if state is not None:
+        codec.decoder.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        loop.step, loop.elapsed, loop.smooth.values = state["step"], state["elapsed"], state["losses"]
+    sr = codec.cfg.sample_rate
+    record = dict(stage="decoder", config=dataclasses.asdict(cfg), device=device_record(dev), codec_digest=digest,
+                  command=command or "cicada train decoder", commit=git_commit())
+
+    def checkpoint() -> None:
+        record.update(step=loop.step, elapsed_minutes=round(loop.elapsed / 60, 2), losses=loop.smooth.values)
+        save_atomic(dict(model=codec.decoder.state_dict(), optimizer=opt.state_dict(), step=loop.step,
+                         elapsed=loop.elapsed, losses=loop.smooth.values, config=dataclasses.asdict(cfg),
+                         record=record), ckpt_path)
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x = torch.from_numpy(codec_batch(cfg.batch_offset + step, cfg.seed, cfg.batch, cfg.segment, sr)).to(dev)
+        with torch.no_grad():
+            q = codec.quantizer(codec.encoder(x)).quantized
+        y = codec.decoder(q)[..., : x.shape[-1]]
+        spec = spectral_loss(x, y, sr)
+        wave = (x - y).abs().mean()
+        return spec + cfg.wave_weight * wave, dict(spectral=float(spec.detach()), wave=float(wave.detach()))
+
+    loop.run(cfg, opt, list(codec.decoder.parameters()), 10.0, step_fn, checkpoint, quiet)
+    return record
 
 
 # --------------------------------------------------------------------------- LM corpus
@@ -667,6 +754,7 @@ def export_pack(
     *,
     codec_checkpoint: str | Path = DEFAULT_ROOT / "codec" / CHECKPOINT,
     lm_checkpoint: str | Path = DEFAULT_ROOT / "lm" / CHECKPOINT,
+    decoder_checkpoint: str | Path | None = None,
     quantize: str = "int8",
     overwrite: bool = False,
     command: str | None = None,
@@ -674,7 +762,7 @@ def export_pack(
     """Export the trained models as a pack with the whole training record in its manifest."""
     from export.pack import pack_models
 
-    codec, codec_record = load_codec(codec_checkpoint)
+    codec, codec_record = load_codec(codec_checkpoint, decoder_checkpoint)
     lm, text, tok, lm_record = load_lm(lm_checkpoint)
     if lm_record["codec_digest"] != file_digest(Path(codec_checkpoint)):
         raise TrainError(f"{lm_checkpoint} was trained on another codec than {codec_checkpoint}; "
@@ -750,10 +838,18 @@ def run_cli(args: Any) -> int:
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         print(f"lm: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
+    if args.stage == "decoder":
+        cfg = _overrides(DecoderTrainConfig(), args, common)
+        rec = train_decoder(args.out, cfg, codec_checkpoint=args.codec, device=args.device, fresh=args.fresh,
+                            command=command)
+        print(f"decoder: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
+              f"losses {_fmt(rec['losses'])} -> {args.out / CHECKPOINT} (pack it with "
+              f"`cicada train pack --decoder {args.out / CHECKPOINT}`)")
     if args.stage in ("pack", "all"):
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         lm = args.runs / "lm" / CHECKPOINT if args.stage == "all" else args.lm
         pack = export_pack(args.out, codec_checkpoint=codec, lm_checkpoint=lm,
+                           decoder_checkpoint=getattr(args, "decoder", None),
                            quantize=getattr(args, "quantize", "int8"), overwrite=args.force, command=command)
         size = sum(f.stat().st_size for f in pack.path.iterdir()) / 1e6
         print(f"wrote {pack.path} ({size:.1f} MB)")
@@ -769,6 +865,6 @@ def command_line() -> str:
 
 
 __all__ = [
-    "CodecTrainConfig", "LMTrainConfig", "TrainError", "train_codec", "train_lm", "export_pack", "load_codec",
+    "CodecTrainConfig", "DecoderTrainConfig", "LMTrainConfig", "TrainError", "train_codec", "train_decoder", "train_lm", "export_pack", "load_codec",
     "load_lm", "encode_corpus", "reword", "spectral_loss", "pick_device", "command_line",
 ]

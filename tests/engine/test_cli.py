@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,88 @@ def test_help_lists_the_commands() -> None:
     r = _cicada("--help")
     for cmd in ("play", "serve", "render", "devices", "bench"):
         assert cmd in r.stdout
+
+
+def test_presets_lists_shipped_and_saved_with_program_numbers(private_user_presets: Path) -> None:
+    from engine import presets
+
+    presets.save("zz-mine", {"prompt": "Rapid sizzling"}, description="saved here")
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "presets"], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2], env={**os.environ})
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert any(line.split()[:2] == ["0", "01-glitchy-moving-panorama:"] for line in lines)
+    assert any("zz-mine (saved): saved here" in line for line in lines)
+
+
+def test_gui_passes_its_own_options_through() -> None:
+    r = _cicada("gui", "--help")
+    assert r.returncode == 0 and "--no-start" in r.stdout and "--large" in r.stdout
+
+
+def test_serve_refuses_an_osc_port_it_cannot_have_and_a_network_host_without_allow_list(tiny_pack_dir: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        r = _cicada("serve", "--pack", str(tiny_pack_dir), "--null", "--seconds", "1", "--osc-port", str(port))
+    assert r.returncode != 0 and "--osc-port" in r.stderr and "Traceback" not in r.stderr
+    r = _cicada("serve", "--pack", str(tiny_pack_dir), "--null", "--seconds", "1", "--osc-host", "0.0.0.0")
+    assert r.returncode != 0 and "--osc-allow" in r.stderr and "Traceback" not in r.stderr
+
+
+def _free_port(kind: int) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_null_answers_osc_and_oscquery_then_stops_on_sigint(tiny_pack_dir: Path) -> None:
+    import json
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from pythonosc.osc_message import OscMessage
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    osc_port, query_port = _free_port(socket.SOCK_DGRAM), _free_port(socket.SOCK_STREAM)
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--pack", str(tiny_pack_dir), "--null",
+                             "--seconds", "60", "--osc-port", str(osc_port), "--oscquery-port", str(query_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+
+    def ask(sock: socket.socket, address: str, *args: object) -> OscMessage:
+        b = OscMessageBuilder(address)
+        for a in args:
+            b.add_arg(a)
+        sock.sendto(b.build().dgram, ("127.0.0.1", osc_port))
+        return OscMessage(sock.recv(65536))
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(0.3)
+            deadline = time.monotonic() + 60
+            while True:  # the engine loads, then answers
+                try:
+                    assert ask(sock, "/cicada/ping").address == "/cicada/pong"
+                    break
+                except (TimeoutError, ConnectionRefusedError):
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            sock.settimeout(5)
+            reply = ask(sock, "/cicada/temperature", 0.5)
+            assert reply.address == "/cicada/temperature" and reply.params == [0.5]
+        with urllib.request.urlopen(f"http://127.0.0.1:{query_port}/cicada/temperature", timeout=5) as r:
+            assert json.load(r)["VALUE"] == [0.5]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"OSC on udp 127.0.0.1:{osc_port}" in out and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from engine.conditioner import blend
 from engine.generator import Generator, GeneratorError, GenParams
 from engine.sampling import SamplingParams
 from engine.stream import Stream
+from tests.sinks import ListSink
 
 
 @pytest.fixture(scope="module")
@@ -100,30 +100,6 @@ def test_cuda_asked_for_but_missing_is_a_clear_error(pack: packfmt.Pack) -> None
     assert Generator(pack, compute="auto").providers == ["CPUExecutionProvider"]
 
 
-class ListSink:
-    """Keeps every block; never has anything queued (like a file)."""
-
-    def __init__(self, rate: int, channels: int) -> None:
-        self.rate, self.channels = rate, channels
-        self.blocks: list[np.ndarray] = []
-
-    def start(self) -> None:
-        pass
-
-    def queued(self) -> int:
-        return 0
-
-    def write(self, block: np.ndarray) -> None:
-        self.blocks.append(block.copy())
-
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-    def stop(self, fade: bool = True) -> None:
-        pass
-
-    def audio(self) -> np.ndarray:
-        return np.concatenate(self.blocks)
 
 
 def _render(pack: packfmt.Pack, samples: int, *, pipelined: bool, rate: int | None = None, seed: int = 2) -> np.ndarray:

@@ -176,3 +176,27 @@ def test_configs_are_plain_data() -> None:
     for cfg in (train.CodecTrainConfig(), train.LMTrainConfig()):
         d = dataclasses.asdict(cfg)
         assert type(cfg)(**d) == cfg
+
+
+def test_decoder_fine_tuning_keeps_the_tokens_and_packs(runs: Path, tmp_path: Path) -> None:
+    codec_ckpt = runs / "codec" / train.CHECKPOINT
+    cfg = train.DecoderTrainConfig(steps=3, batch=2, segment=0.1, warmup=1)
+    rec = train.train_decoder(tmp_path / "dec", cfg, codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
+    assert rec["step"] == 3 and set(rec["losses"]) == {"spectral", "wave"}
+    base, _ = train.load_codec(codec_ckpt)
+    tuned, record = train.load_codec(codec_ckpt, tmp_path / "dec" / train.CHECKPOINT)
+    assert record["decoder"]["step"] == 3
+    for name, v in base.state_dict().items():  # encoder and codebooks untouched, decoder trained
+        same = torch.equal(v, tuned.state_dict()[name])
+        assert same if not name.startswith("decoder.") else True, name
+    assert any(not torch.equal(v, tuned.decoder.state_dict()[k]) for k, v in base.decoder.state_dict().items())
+    x = torch.randn(1, base.cfg.channels, 640 * 8) * 0.1
+    with torch.no_grad():
+        assert torch.equal(base.encode(x), tuned.encode(x))
+    pack = train.export_pack(tmp_path / "pack", codec_checkpoint=codec_ckpt, lm_checkpoint=runs / "lm" / train.CHECKPOINT,
+                             decoder_checkpoint=tmp_path / "dec" / train.CHECKPOINT, quantize="none")
+    assert pack.info["training"]["codec_training"]["decoder"]["step"] == 3
+    other = tmp_path / "other-codec"
+    train.train_codec(other, tiny_codec_cfg(1), device="cpu", quiet=True)
+    with pytest.raises(train.TrainError, match="another codec"):
+        train.load_codec(other / train.CHECKPOINT, tmp_path / "dec" / train.CHECKPOINT)

@@ -40,6 +40,7 @@ from engine.control.osc import (
 from engine.generator import Generator, GenParams
 from engine.params import ParamError, Registry
 from engine.stream import Stream
+from tests.sinks import ListSink
 
 Reply = tuple[str, list[Any]]
 
@@ -126,30 +127,6 @@ def make_controller(pack: packfmt.Pack, presets_dir: Path | None = None, seed: i
     return Controller(Registry(values={"prompt": prompt, **values}), gen, presets_dir=presets_dir)
 
 
-class ListSink:
-    """Keeps every block; never has anything queued (like a file)."""
-
-    def __init__(self, rate: int, channels: int) -> None:
-        self.rate, self.channels = rate, channels
-        self.blocks: list[np.ndarray] = []
-
-    def start(self) -> None:
-        pass
-
-    def queued(self) -> int:
-        return 0
-
-    def write(self, block: np.ndarray) -> None:
-        self.blocks.append(block.copy())
-
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-    def stop(self, fade: bool = True) -> None:
-        pass
-
-    def audio(self) -> np.ndarray:
-        return np.concatenate(self.blocks)
 
 
 @pytest.fixture(scope="module")
