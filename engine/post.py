@@ -416,6 +416,7 @@ class OutputSafety:
         self._gain_req: tuple[int, float] = (0, 1.0)  # (sequence number, linear target), posted by set_gain_db
         self._gain_seq = 0  # the last request process() applied
         self._panic_req = False  # posted by panic() / resume()
+        self._ceiling_req: float | None = None  # posted by set_ceiling_db()
 
         self.nonfinite_blocks: int = 0
         """Blocks that contained NaN/Inf (each was replaced by a fade to silence)."""
@@ -504,6 +505,13 @@ class OutputSafety:
             self._gain_db, target = db, 10.0 ** (db / 20.0)
         self._gain_req = (self._gain_req[0] + 1, target)
 
+    def set_ceiling_db(self, db: float) -> None:
+        """Move the ceiling (dBFS, <= 0) from the next block: the guard clip holds the new one at once."""
+        db = float(db)
+        if not math.isfinite(db) or db > 0.0:
+            raise ValueError(f"ceiling_db must be finite and <= 0 dBFS, got {db}")
+        self._ceiling_req = db
+
     def panic(self) -> None:
         """Fade to exact silence within ``panic_ms`` from the next sample, then stay silent until ``resume()``."""
         self._panic_req = True
@@ -525,6 +533,11 @@ class OutputSafety:
             if self._ramp_len == 0:
                 fs[_F_G] = target
         is_[_I_ETGT] = 0 if self._panic_req else 1
+        req, self._ceiling_req = self._ceiling_req, None
+        if req is not None and req != self.ceiling_db:
+            self.ceiling_db, self.ceiling = req, _ceiling_f32(req)
+            fs[_F_CEIL] = self.ceiling
+            fs[_F_TGT] = self.ceiling * (1.0 - 1e-12)
 
     def reset(self) -> None:
         """Clear all signal state: DC blocker, delay line, limiter, non-finite fade.

@@ -208,6 +208,11 @@ class Stream:
     def set_params(self, params: GenParams) -> None:
         self.gen.set_params(params)
 
+    def set_ceiling_db(self, ceiling_db: float) -> None:
+        """Move the limiter ceiling live (kept when the output is set up again at another rate)."""
+        self.safety.set_ceiling_db(ceiling_db)
+        self.ceiling_db = float(ceiling_db)
+
     def set_latency_ms(self, latency_ms: float) -> None:
         """Change the target fill live (the LM worker reads it before each block)."""
         if not latency_ms > 0:

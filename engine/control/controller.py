@@ -7,7 +7,7 @@ and applies each change where it belongs::
 
     registry change ──> prompt / prompt_b / morph / sampling ──> Generator.set_params (next step)
                     ──> gain_db / mute ────────────────────────> OutputSafety gain ramp (no click)
-                    ──> latency_ms ────────────────────────────> Stream target fill
+                    ──> latency_ms / ceiling_db ───────────────> Stream target fill / limiter ceiling
                     ──> seed ──────────────────────────────────> a fresh random draw sequence
 
 Prompt changes can wait for the next beat or bar (``quantize``) of the tempo
@@ -162,6 +162,7 @@ class Controller:
         stream.on_output = self.meter.feed
         self._apply_gain(snap)
         stream.set_latency_ms(float(snap["latency_ms"]))
+        stream.set_ceiling_db(float(snap["ceiling_db"]))
 
     def close(self) -> None:
         self._unsubscribe()
@@ -206,6 +207,8 @@ class Controller:
             self._apply_gain(snap)
         elif name == "latency_ms" and self.stream is not None:
             self.stream.set_latency_ms(float(change.value))
+        elif name == "ceiling_db" and self.stream is not None:
+            self.stream.set_ceiling_db(float(change.value))
         elif name == "seed":
             self.gen.rng = np.random.default_rng(int(change.value))
         elif name == "tempo_bpm":

@@ -504,3 +504,17 @@ def test_bad_arguments() -> None:
         args = {"sample_rate": SR, "channels": 2} | kwargs
         with pytest.raises(ValueError):
             OutputSafety(**args)
+
+
+def test_ceiling_moves_live_from_the_next_block() -> None:
+    s = OutputSafety(48000, 2, ceiling_db=-1.0)
+    loud = np.full((2, 4800), 0.95, np.float32)
+    loud[:, ::2] *= -1.0
+    s.process(loud.copy())
+    s.set_ceiling_db(-12.0)
+    assert s.ceiling_db == -1.0  # posted, applied by the next process() on the processing thread
+    out = s.process(loud.copy())
+    assert s.ceiling_db == -12.0
+    assert np.abs(out).max() <= 10 ** (-12 / 20)
+    with pytest.raises(ValueError, match="<= 0 dBFS"):
+        s.set_ceiling_db(3.0)

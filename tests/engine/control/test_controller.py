@@ -129,6 +129,11 @@ def test_gain_mute_panic_latency_and_status_on_a_stream(pack: packfmt.Pack) -> N
         assert stream.safety.gain_db == -6.0
         reg.set("latency_ms", 120.0, "test")
         assert stream.latency_ms == 120.0
+        reg.set("ceiling_db", -12.0, "test")
+        deadline = time.monotonic() + 5
+        while stream.safety.ceiling_db != -12.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.safety.ceiling_db == -12.0 and stream.ceiling_db == -12.0
         ctl.panic()
         assert ctl.panicking
         ctl.resume()
