@@ -22,7 +22,6 @@ from engine import presets
 from engine.conditioner import PromptError
 from engine.generator import Generator, GeneratorError, GenParams
 from engine.params import PROMPT_SLOTS, ParamError, Registry
-from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     # engine.stream pulls in numba (engine.post): imported where it is used, so that `play` can start the
@@ -113,15 +112,10 @@ def initial_registry(opts: RunOptions) -> tuple[Registry, presets.Preset | None]
     return reg, pre
 
 
-def initial_params(opts: RunOptions) -> tuple[GenParams, int, float]:
-    """(params, seed, gain_db) from the preset, overridden by --prompt / --seed."""
-    reg, _ = initial_registry(opts)
-    s = reg.snapshot()
-    params = GenParams(
-        prompt=str(s["prompt"]), prompt_b=str(s["prompt_b"]), morph=float(s["morph"]),
-        sampling=SamplingParams(float(s["temperature"]), int(s["top_k"]), float(s["top_p"]), float(s["guidance"])),
-    )
-    return params, int(s["seed"]), float(s["gain_db"])
+def initial_params(opts: RunOptions, reg: Registry | None = None) -> tuple[GenParams, int, float]:
+    """(params, seed, gain_db) from the registry at start (:func:`initial_registry`, built here if not given)."""
+    s = (reg or initial_registry(opts)[0]).snapshot()
+    return GenParams.from_values(s.values), int(s["seed"]), float(s["gain_db"])
 
 
 def open_generator(opts: RunOptions, pack: packfmt.Pack, params: GenParams, seed: int) -> Generator:
@@ -275,7 +269,7 @@ def run_live(
 
     pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
     registry, preset = initial_registry(opts)
-    params, seed, gain_db = initial_params(opts)
+    params, seed, gain_db = initial_params(opts, registry)
     gen_box: dict[str, Generator] = {}
     # Load the pack while the audio process starts: both take a moment.
     err: list[BaseException] = []

@@ -25,7 +25,9 @@ block assembly, plus the decoder's lookahead; see ``latency_samples``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +55,17 @@ class GenParams:
 
     def with_changes(self, **changes: object) -> GenParams:
         return replace(self, version=self.version + 1, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any], version: int = 0, morph: float | None = None) -> GenParams:
+        """The generator's share of parameter-registry values (``engine.params``): prompts, morph, sampling."""
+        return cls(
+            prompt=str(v["prompt"]),
+            prompt_b=str(v["prompt_b"]),
+            morph=float(v["morph"] if morph is None else morph),
+            sampling=SamplingParams(float(v["temperature"]), int(v["top_k"]), float(v["top_p"]), float(v["guidance"])),
+            version=version,
+        )
 
 
 def resolve_providers(device: str) -> list[str]:

@@ -49,7 +49,6 @@ from typing import Any
 from engine.generator import GenParams
 from engine.pack import write_text_atomic
 from engine.params import PARAMS, Param, ParamError
-from engine.sampling import SamplingParams
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -111,13 +110,7 @@ class Preset:
         return float(self._get("gain_db"))
 
     def gen_params(self) -> GenParams:
-        return GenParams(
-            prompt=self.prompt,
-            prompt_b=self.prompt_b,
-            morph=float(self._get("morph")),
-            sampling=SamplingParams(float(self._get("temperature")), int(self._get("top_k")),
-                                    float(self._get("top_p")), float(self._get("guidance"))),
-        )
+        return GenParams.from_values({p.name: self._get(p.name) for p in PARAMS})
 
 
 def names(folder: Path | None = None) -> list[str]:

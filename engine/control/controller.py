@@ -38,7 +38,6 @@ import numpy as np
 from engine.conditioner import PromptError
 from engine.generator import Generator, GenParams
 from engine.params import Change, ParamError, Registry, Smoother, Snapshot
-from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from engine.stream import Stream
@@ -134,8 +133,9 @@ class Controller:
         self._lock = threading.RLock()
         self._morph = Smoother(float(registry.get("morph")))
         self._glide: threading.Thread | None = None
-        self._pending_prompt: dict[str, Any] = {}
         self._timer: threading.Timer | None = None
+        # the prompts in force: the registry's, except while a quantized change waits for its beat
+        self._prompts = {k: registry.get(k) for k in _PROMPT_KEYS}
         self._beat_origin = time.monotonic()
         self._cpu = (time.monotonic(), time.process_time())
         self._cpu_pct = 0.0
@@ -172,13 +172,8 @@ class Controller:
     def gen_params(self, snap: Snapshot | None = None, morph: float | None = None) -> GenParams:
         """The generator's parameters for a registry snapshot (current morph position unless given)."""
         s = snap or self.registry.snapshot()
-        return GenParams(
-            prompt=str(s["prompt"]),
-            prompt_b=str(s["prompt_b"]),
-            morph=float(self._morph.value if morph is None else morph),
-            sampling=SamplingParams(float(s["temperature"]), int(s["top_k"]), float(s["top_p"]), float(s["guidance"])),
-            version=s.version,
-        )
+        return GenParams.from_values({**s.values, **self._prompts}, s.version,
+                                     self._morph.value if morph is None else morph)
 
     def _check_prompt(self, value: Any) -> None:
         text = str(value)
@@ -194,9 +189,11 @@ class Controller:
     def _on_change(self, change: Change) -> None:
         name = change.name
         snap = self.registry.snapshot()
-        if name in _PROMPT_KEYS and snap["quantize"] != "off":
-            self._defer_prompt(snap)
-            return
+        if name in _PROMPT_KEYS:
+            if snap["quantize"] != "off":
+                self._defer_prompt(snap)
+                return
+            self._take_prompts(snap)
         if name == "morph":
             self._morph.target = float(change.value)
             self._start_glide()
@@ -252,10 +249,18 @@ class Controller:
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = threading.Timer(wait, lambda: self.gen.set_params(self.gen_params()))
+            self._timer = threading.Timer(wait, self._take_prompts)
             self._timer.daemon = True
             self._timer.start()
         log.debug("prompt change in %.3f s (next %s)", wait, snap["quantize"])
+
+    def _take_prompts(self, snap: Snapshot | None = None) -> None:
+        """Put the registry's prompts in force (at once, or when a quantized change's beat comes)."""
+        s = snap or self.registry.snapshot()
+        with self._lock:
+            self._prompts = {k: s[k] for k in _PROMPT_KEYS}
+        if snap is None:  # the timer: nothing else will pass them on
+            self.gen.set_params(self.gen_params(s))
 
     def beat(self) -> None:
         """Mark now as a beat boundary (MIDI clock start, song position, tap)."""
@@ -308,6 +313,12 @@ class Controller:
                 log.exception("action listener failed on %s", action)
 
     # ------------------------------------------------------------------ presets
+
+    def preset_names(self) -> list[str]:
+        """Every preset this engine can load, sorted: index N is what MIDI program change N loads."""
+        from engine import presets
+
+        return presets.names(self.presets_dir)
 
     def load_preset(self, name: str, source: str = "") -> Any:
         """Load a preset by name or path: all its values at once, or nothing (PresetError).

@@ -993,9 +993,7 @@ class MidiInput:
             log.warning("MIDI program change %d: preset %r not loaded: %s", program, names[program], exc)
 
     def _default_preset_names(self) -> list[str]:
-        from engine import presets
-
-        return presets.names(getattr(self.controller, "presets_dir", None))
+        return self.controller.preset_names()
 
     # ------------------------------------------------------------------ clock
 

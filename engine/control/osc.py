@@ -58,7 +58,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.params import Change, Param, ParamError
@@ -785,7 +784,7 @@ class OscServer:
 
     def _preset_list(self, address: str, args: tuple[Any, ...], sender: Address) -> None:
         if self._trigger(args):
-            self._send(sender, address, *preset_names(self.controller))
+            self._send(sender, address, *self.controller.preset_names())
 
     def _status(self, address: str, args: tuple[Any, ...], sender: Address) -> None:
         if self._trigger(args):
@@ -1003,24 +1002,3 @@ class OscServer:
         level = logging.WARNING if inv or drop or internal else logging.INFO
         since = f"in the last {now - prev:.0f} s" if math.isfinite(prev) else "since start"
         log.log(level, "OSC %s: %s", since, "; ".join(parts))
-
-
-def preset_names(controller: Any = None) -> list[str]:
-    """Preset names: ``engine.presets.names()`` where it exists, else the ``*.toml`` files found."""
-    from engine import presets
-
-    folder = getattr(controller, "presets_dir", None)
-    names_fn = getattr(presets, "names", None)
-    if callable(names_fn):
-        return [str(n) for n in (names_fn(folder) if folder is not None else names_fn())]
-    folders: list[Path] = [Path(folder)] if folder is not None else []
-    user_dir = getattr(presets, "user_dir", None)
-    if callable(user_dir):
-        folders.append(Path(user_dir()))
-    folders.append(Path(presets.PRESETS_DIR))
-    seen: dict[str, None] = {}
-    for f in folders:
-        with contextlib.suppress(OSError):
-            for path in sorted(f.glob("*.toml")):
-                seen.setdefault(path.stem, None)
-    return list(seen)

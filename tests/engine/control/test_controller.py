@@ -103,6 +103,8 @@ def test_quantized_prompt_change_waits_for_the_beat(pack: packfmt.Pack) -> None:
     t0 = time.monotonic()
     ctl.registry.set("prompt", pack.prompts[2], "test")
     assert ctl.gen.params.prompt == pack.prompts[0]  # not yet
+    ctl.registry.set("temperature", 0.7, "test")  # other changes go through at once, the prompt still waits
+    assert ctl.gen.params.sampling.temperature == 0.7 and ctl.gen.params.prompt == pack.prompts[0]
     while ctl.gen.params.prompt != pack.prompts[2] and time.monotonic() - t0 < 2.0:
         time.sleep(0.005)
     waited = time.monotonic() - t0
