@@ -517,6 +517,8 @@ def test_through_jack_all_notes_off_panics_and_the_output_fades(midi_server: Jac
         midi.start()
         assert midi.port_name and "Cicada-Test-Pads" in midi.port_name
         wait_for(lambda: any(np.abs(b).max() > 0 for b in played[-20:]), what="sound")
+        # rtmidi connects the ports in the background: the connection is live once a message gets through
+        wait_for(lambda: (sender.send([0xFE]), midi.stats()["messages"] > 0)[1], what="the first message")
         sender.send(cc(123, 0))
         wait_for(lambda: ctl.panicking, what="the panic")
         assert stream.safety.is_panicking and at_panic
