@@ -245,11 +245,14 @@ def status_line(stream: Stream) -> str:
     from engine.stream import rss_mb
 
     s = stream.stats()
+    w = stream.take_window()
     frame_s = stream.gen.block_samples / stream.gen.sample_rate
     rtf = max(s["lm_ms_p50"], s["decode_ms_p50"]) / 1000.0 / (frame_s / stream.gen.block_frames)
+    queue = "-" if w["queue_ms_min"] is None else f"{w['queue_ms_min']:.0f}"
     return (
         f"steps {s['steps']}  lm {s['lm_ms_p50']:.1f}/{s['lm_ms_p99']:.1f} ms  "
         f"dec {s['decode_ms_p50']:.1f}/{s['decode_ms_p99']:.1f} ms  rtf {rtf:.2f}  "
+        f"gap max {w['write_gap_ms_max']:.0f} ms  queue min {queue} ms  "
         f"underruns {s.get('sink_underruns', 0)}  outages {s.get('sink_outages', 0)}  "
         f"nan {s['nonfinite_blocks']}  limiter {s['gain_reduction_db']:.1f} dB  rss {rss_mb():.0f} MB"
     )

@@ -435,7 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive(int), default=None,
                      help="CPU threads for torch (default: all cores; 1 is faster on a busy machine)")
     root = Path("out/train")
-    p = trs.add_parser("codec", parents=[run], help="the causal stereo codec (resumable)")
+    kind = argparse.ArgumentParser(add_help=False)
+    kind.add_argument("--kind", choices=["seanet", "spectral"], default="seanet",
+                      help="codec: seanet (the shipped pack's) or spectral (frame-rate STFT codec; see "
+                           "docs/training.md); a resumed run keeps its checkpoint's kind")
+    p = trs.add_parser("codec", parents=[run, kind], help="the causal stereo codec (resumable)")
     p.add_argument("--out", type=Path, default=root / "codec", help="run folder (default out/train/codec)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("lm", parents=[run], help="the LM and text encoder on the codec's tokens (resumable)")
@@ -457,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["none", "int8"], default="int8", help="LM weights (default int8)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)
-    p = trs.add_parser("all", parents=[run], help="codec, then LM, then the pack, each at its defaults")
+    p = trs.add_parser("all", parents=[run, kind], help="codec, then LM, then the pack, each at its defaults")
     p.add_argument("--runs", type=Path, default=root, help="folder for the two run folders (default out/train)")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

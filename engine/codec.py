@@ -3,13 +3,15 @@
 ``DecoderSession.step(codes [1, K, F]) -> pcm [C, F * hop]``::
 
     codes [1, K, F] --+
-    step_in [1] ------+--> decoder.onnx --> pcm [1, C, F*hop]
-    *_in (state) -----+                     step_out, *_out (state)
-         ^                                        |
+    *_in (state) -----+--> decoder.onnx --> pcm [1, C, F*hop]
+         ^                                  *_out (state)
+         |                                        |
          +------------- swap (A <-> B) -----------+
 
-The state tensors the manifest declares (convolution caches, overlap-add
-tails, LSTM state, the frame counter) are allocated twice at their fixed
+The state tensors the manifest declares (a SEANet's convolution caches,
+overlap-add tails, LSTM state and frame counter ``step_in``; the spectral
+codec's block caches, accumulated phase and overlap-add tail; whatever a
+pack's decoder carries) are allocated twice at their fixed
 shapes, A and B. Two IOBindings are built once: A in -> B out, and B in -> A
 out; each step runs one and flips, so no state is copied or reallocated.
 

@@ -169,6 +169,11 @@ class Stream:
         self._primed = False  # the first target's worth of audio has been handed to the sink
         self._held: list[np.ndarray] = []  # blocks kept back until then
         self.first_sound_at: float | None = None
+        # Since the last take_window(): the longest wait between two blocks handed to the sink, and the
+        # emptiest the sink's queue was when one arrived (what an underrun post-mortem needs).
+        self._last_write_at: float | None = None
+        self._gap_max = 0.0
+        self._queue_min: float | None = None
         self._configure()
 
     def _configure(self) -> None:
@@ -376,7 +381,22 @@ class Stream:
             block = np.concatenate(self._held)
             self._held.clear()
             self._primed = True
+        now = time.perf_counter()
+        if self._last_write_at is not None:
+            self._gap_max = max(self._gap_max, now - self._last_write_at)
+            queued = self.sink.queued()
+            self._queue_min = queued if self._queue_min is None else min(self._queue_min, queued)
+        self._last_write_at = now
         self.sink.write(block)
+
+    def take_window(self) -> dict[str, float | None]:
+        """``write_gap_ms_max`` (longest wait between two blocks written) and ``queue_ms_min`` (emptiest
+        queue seen as a block arrived) since the last call; then starts a new window."""
+        rate = float(self.sink.rate)
+        out = {"write_gap_ms_max": 1000.0 * self._gap_max,
+               "queue_ms_min": None if self._queue_min is None else 1000.0 * self._queue_min / rate}
+        self._gap_max, self._queue_min = 0.0, None
+        return out
 
     # ------------------------------------------------------------------ offline
 

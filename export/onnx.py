@@ -178,3 +178,34 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             per_channel=False,
         )
     return dst
+
+
+def store_float16(src: str | os.PathLike, dst: str | os.PathLike, min_elements: int = 4096) -> Path:
+    """Store ``src``'s large float32 weights as float16 in ``dst``; the graph still computes in float32.
+
+    Each float32 initializer of at least ``min_elements`` values becomes a float16
+    initializer plus a ``Cast`` back to float32 under the original name, so every
+    consumer is unchanged. ONNX Runtime folds those casts once when the session
+    opens: the file is about half the size and steps cost the same. The weights
+    are rounded to float16 (relative error <= 2^-11); small tensors (norms,
+    biases) stay float32.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    casts = []
+    for init in list(graph.initializer):
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__f16")
+        graph.initializer.remove(init)
+        graph.initializer.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=f"{init.name}__cast"))
+    for node in reversed(casts):
+        graph.node.insert(0, node)
+    onnx.checker.check_model(model)
+    dst = Path(dst)
+    onnx.save(model, str(dst))
+    return dst

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from engine import pack as packfmt
-from export.onnx import GraphSpec, export_graph, quantize_int8
+from export.onnx import GraphSpec, export_graph, quantize_int8, store_float16
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,11 @@ def _tensor_table(spec: GraphSpec) -> dict[str, list[dict]]:
     }
 
 
-def _export(module: nn.Module, spec: GraphSpec, example: tuple, path: Path, what: str) -> None:
+def _export(module: nn.Module, spec: GraphSpec, example: tuple, path: Path, what: str, float16: bool = False) -> None:
     t0 = time.perf_counter()
     export_graph(module, example, spec, path)
+    if float16:
+        store_float16(path, path)
     log.info("exported %s -> %s in %.1f s", what, path.name, time.perf_counter() - t0)
 
 
@@ -71,8 +73,12 @@ def build_pack(
     lm_meta: dict[str, Any],
     encoder: nn.Module | None = None,
     overwrite: bool = False,
+    float16: bool = False,
 ) -> packfmt.Pack:
     """Export the three step graphs and write a validated pack to ``out``.
+
+    ``float16`` stores the decoder's, conditioner's and encoder's large weights as float16 (computed in
+    float32: :func:`export.onnx.store_float16`), about halving their files.
 
     ``decoder_step``, ``lm_step`` and ``conditioner`` are the explicit-state
     wrappers (export.streaming.StreamingDecoder, export.lm.LMStep,
@@ -89,8 +95,10 @@ def build_pack(
     tmp.chmod(0o777 & ~packfmt.current_umask())  # mkdtemp makes it private; a pack is an ordinary folder
     try:
         with torch.no_grad():
-            _export(decoder_step.eval(), decoder_step.spec, decoder_step.example_inputs(), tmp / "decoder.onnx", "decoder step")
-            _export(conditioner.eval(), conditioner.spec, conditioner.example_inputs(), tmp / "conditioner.onnx", "conditioner")
+            _export(decoder_step.eval(), decoder_step.spec, decoder_step.example_inputs(), tmp / "decoder.onnx",
+                    "decoder step", float16)
+            _export(conditioner.eval(), conditioner.spec, conditioner.example_inputs(), tmp / "conditioner.onnx",
+                    "conditioner", float16)
             lm_file = tmp / "lm.onnx"
             _export(lm_step.eval(), lm_step.spec, lm_step.example_inputs(), lm_file, "LM step")
             if spec.quantize == "int8":
@@ -101,7 +109,8 @@ def build_pack(
             elif spec.quantize != "none":
                 raise ValueError(f"--quantize {spec.quantize!r}: choose none or int8")
             if encoder is not None:
-                _export(encoder.eval(), encoder.spec, encoder.example_inputs(), tmp / "encoder.onnx", "encoder")
+                _export(encoder.eval(), encoder.spec, encoder.example_inputs(), tmp / "encoder.onnx", "encoder",
+                        float16)
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
 
         doc: dict[str, Any] = {
@@ -196,6 +205,7 @@ def pack_models(
     encoder: nn.Module | None = None,
     encoder_seconds: float = 10.0,
     overwrite: bool = False,
+    float16: bool = False,
 ) -> packfmt.Pack:
     """Pack a codec (export.codec.Codec), an LM (export.lm.LM) and a text encoder.
 
@@ -229,13 +239,15 @@ def pack_models(
         return build_pack(
             out,
             spec,
-            decoder_step=StreamingDecoder(codec, frames_per_step=frames_per_step),
+            decoder_step=(codec.streaming_decoder(frames_per_step) if hasattr(codec, "streaming_decoder")
+                          else StreamingDecoder(codec, frames_per_step=frames_per_step)),
             lm_step=LMStep(lm, batch=2, context=context, text_len=text_len),
             conditioner=ConditionerGraph(text_encoder, lm, text_len=text_len),
             tokenizer_file=tokenizer_file,
             lm_meta=lm_manifest(lm),
             encoder=EncoderGraph(encoder, encoder_seconds) if encoder is not None else None,
             overwrite=overwrite,
+            float16=float16,
         )
 
 

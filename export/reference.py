@@ -86,7 +86,7 @@ class UnsupportedPack(Exception):
 class Architecture:
     """What to build: our codec and LM configs, how they were found, and a MusicGen config if there is one."""
 
-    codec: Any  # export.codec.CodecConfig
+    codec: Any  # export.codec.CodecConfig or export.spectral.SpectralCodecConfig
     lm: Any  # export.lm.LMConfig
     how: str
     musicgen: Any = None  # transformers.MusicgenConfig for MusicGen-derived packs
@@ -211,12 +211,15 @@ def _from_training(pack: packfmt.Pack) -> Architecture | None:
     """Codec / LM config dicts recorded in [training], if any (keys codec|codec_config, lm|lm_config)."""
     from export.codec import CodecConfig
     from export.lm import LMConfig
+    from export.spectral import SpectralCodecConfig
 
     tr = pack.info.get("training") or {}
     if not isinstance(tr, dict):
         return None
+    spectral = isinstance(tr.get("codec"), dict) and tr["codec"].get("kind") == "spectral"
+    codec_cls = SpectralCodecConfig if spectral else CodecConfig
     codec_kw = next(
-        (kw for k in ("codec", "codec_config", "codec_cfg") if (kw := _dataclass_kwargs(CodecConfig, tr.get(k)))), None
+        (kw for k in ("codec", "codec_config", "codec_cfg") if (kw := _dataclass_kwargs(codec_cls, tr.get(k)))), None
     )
     lm_kw = next((kw for k in ("lm", "lm_config", "lm_cfg") if (kw := _dataclass_kwargs(LMConfig, tr.get(k)))), None)
     if codec_kw is None and lm_kw is None:
@@ -230,7 +233,7 @@ def _from_training(pack: packfmt.Pack) -> Architecture | None:
             lm = _lm_from_manifest(pack)
             parts.append("LM from [lm] (ffn_dim = 4 * dim)")
         if codec_kw is not None:
-            codec = CodecConfig(**codec_kw)
+            codec = codec_cls(**codec_kw)
             parts.append("codec from the [training] codec config")
         else:
             codec, found = _codec_from_manifest(pack)
@@ -347,6 +350,7 @@ class EagerStream:
     def __init__(self, pack: packfmt.Pack, arch: Architecture, seed: int = 0) -> None:
         from export.codec import Codec
         from export.lm import LM, NEG, LMStep, rope_cos_sin
+        from export.spectral import SpectralCodec, SpectralCodecConfig
         from export.streaming import StreamingDecoder
 
         self._rope = rope_cos_sin
@@ -356,7 +360,10 @@ class EagerStream:
         self.step = LMStep(
             LM(arch.lm).eval(), batch=2, context=int(pack.lm["context"]), text_len=int(pack.conditioner["max_tokens"])
         ).eval()
-        self.decoder = StreamingDecoder(Codec(arch.codec).eval(), frames_per_step=self.frames).eval()
+        if isinstance(arch.codec, SpectralCodecConfig):
+            self.decoder = SpectralCodec(arch.codec).eval().streaming_decoder(self.frames)
+        else:
+            self.decoder = StreamingDecoder(Codec(arch.codec).eval(), frames_per_step=self.frames).eval()
         self.mismatches = _spec_mismatches(pack.lm, self.step.spec) + _spec_mismatches(pack.decoder, self.decoder.spec)
         self.gen = torch.Generator().manual_seed(seed)
         self.top_k = min(TOP_K, arch.lm.card)

@@ -48,6 +48,7 @@ from export.codec import Codec, CodecConfig, QuantizerOutput
 from export.conditioner import TextEncoder, TextEncoderConfig, WordTokenizer, split_words
 from export.evaluate import mel_filterbank
 from export.lm import LM, LMConfig, apply_delay
+from export.spectral import SpectralCodec, SpectralCodecConfig, direct_loss
 
 log = logging.getLogger("cicada.train")
 
@@ -64,11 +65,16 @@ class TrainError(Exception):
 
 @dataclass
 class CodecTrainConfig:
-    """Codec training at the defaults: about 20-30 minutes on 2 CPU cores.
+    """Codec training at the defaults: about 25 minutes on 2 CPU cores.
 
-    The architecture is sized for the engine first (decoder step well under
-    3 ms per frame on 2 cores): n_filters 24, one LSTM layer, 4 x 1024 codes
-    at 50 Hz.
+    The default is the causal SEANet the shipped pack uses, sized for the
+    engine first (decoder step well under 3 ms per frame on 2 cores):
+    n_filters 24, one LSTM layer, 4 x 1024 codes at 50 Hz.
+    :meth:`spectral` is the frame-rate spectral codec (:mod:`export.spectral`,
+    ``cicada train codec --kind spectral``, about 48 minutes): it learns more
+    per CPU minute and also gets per-bin targets for every frame (log
+    magnitude and phase advance, ``magnitude_weight`` / ``phase_weight``,
+    unused by a SEANet).
     """
 
     seed: int = 0
@@ -80,6 +86,8 @@ class CodecTrainConfig:
     warmup: int = 100
     wave_weight: float = 0.1
     commit_weight: float = 0.1
+    magnitude_weight: float = 0.5  # spectral codec only: per-bin log-magnitude L1
+    phase_weight: float = 2.0  # spectral codec only: per-bin phase-advance loss
     vq_warmup: int = 300  # steps trained as a plain autoencoder before the codebooks start
     dead_code_every: int = 10
     codec: dict[str, Any] = field(
@@ -89,6 +97,17 @@ class CodecTrainConfig:
             n_codebooks=4, codebook_size=1024,
         )
     )
+
+    @classmethod
+    def spectral(cls, **overrides: Any) -> CodecTrainConfig:
+        """The spectral codec's defaults: 3600 steps of 0.8 s examples (about 48 minutes on 2 cores)."""
+        codec = dict(kind="spectral", sample_rate=data.SAMPLE_RATE, channels=data.CHANNELS, hop=640, hidden=512,
+                     dimension=128, encoder_blocks=3, decoder_blocks=4, kernel_size=3, n_codebooks=4,
+                     codebook_size=1024)
+        return cls(**{"steps": 3600, "segment": 0.8, "codec": codec, **overrides})
+
+
+CODEC_KINDS = {"seanet": CodecTrainConfig, "spectral": CodecTrainConfig.spectral}
 
 
 @dataclass
@@ -104,6 +123,8 @@ class DecoderTrainConfig:
     lr: float = 3e-4
     warmup: int = 100
     wave_weight: float = 0.1
+    magnitude_weight: float = 0.5  # spectral codec only (see CodecTrainConfig)
+    phase_weight: float = 2.0
     batch_offset: int = 1_000_000  # batches the codec stage never saw
 
 
@@ -138,6 +159,14 @@ class LMTrainConfig:
 
 
 # --------------------------------------------------------------------------- plumbing
+
+
+def make_codec(config: dict[str, Any]) -> Codec | SpectralCodec:
+    """A fresh codec from its config dict: ``kind = "spectral"`` gives a :class:`SpectralCodec`, no ``kind``
+    the SEANet :class:`Codec`."""
+    if config.get("kind") == "spectral":
+        return SpectralCodec(SpectralCodecConfig(**config))
+    return Codec(CodecConfig(**config))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -337,6 +366,26 @@ def spectral_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int = data.SAMP
     return total / len(MEL_SCALES)
 
 
+def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor,
+                          wave_weight: float, magnitude_weight: float, phase_weight: float) -> dict[str, torch.Tensor]:
+    """The codec's losses for audio ``x`` decoded as ``y`` (both ``[B, C, T]``) from ``latent``, with their
+    weighted sum as ``"total"``.
+
+    A spectral codec's first block fades in (it has no frame before it), so its audio losses start one hop
+    in, and it adds the per-bin frame targets of :func:`export.spectral.direct_loss`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(codec, SpectralCodec):
+        hop = codec.cfg.hop_length
+        out["magnitude"], out["phase"] = direct_loss(codec.decoder, latent, x)
+        x, y = x[..., hop:], y[..., hop:]
+    out["spectral"] = spectral_loss(x, y, codec.cfg.sample_rate)
+    out["wave"] = (x - y).abs().mean()
+    out["total"] = (out["spectral"] + wave_weight * out["wave"] + magnitude_weight * out.get("magnitude", 0.0)
+                    + phase_weight * out.get("phase", 0.0))
+    return out
+
+
 def codec_batch(step: int, seed: int, batch: int, seconds: float, sample_rate: int) -> np.ndarray:
     """``[B, 2, seconds * sr]`` float32: random prompts, random crops of fresh draws (seeded by step)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7, step]))
@@ -436,8 +485,9 @@ def train_codec(
     cfg = cfg or CodecTrainConfig()
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # decaying tails and fades are denormal floats: 5-10x slower on CPU
-    codec = Codec(CodecConfig(**cfg.codec))
-    signal_preserving_init(codec, cfg.seed)
+    codec = make_codec(cfg.codec)
+    if isinstance(codec, Codec):
+        signal_preserving_init(codec, cfg.seed)
     codec = codec.to(dev).train()
     opt = torch.optim.Adam(codec.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     loop = Loop("codec")
@@ -468,11 +518,10 @@ def train_codec(
             qo = codec.quantizer(z)
         latent[:] = [z.detach()]
         y = codec.decoder(qo.quantized)[..., : x.shape[-1]]
-        spec = spectral_loss(x, y, sr)
-        wave = (x - y).abs().mean()
-        loss = spec + cfg.wave_weight * wave + cfg.commit_weight * qo.commit_loss
-        return loss, dict(spectral=float(spec.detach()), wave=float(wave.detach()),
-                          commit=float(qo.commit_loss.detach()))
+        losses = reconstruction_losses(codec, x, y, qo.quantized, cfg.wave_weight, cfg.magnitude_weight,
+                                       cfg.phase_weight)
+        loss = losses.pop("total") + cfg.commit_weight * qo.commit_loss
+        return loss, dict(**{k: float(v.detach()) for k, v in losses.items()}, commit=float(qo.commit_loss.detach()))
 
     def after(step: int) -> None:
         if cfg.dead_code_every and step > cfg.vq_warmup and step % cfg.dead_code_every == 0:
@@ -489,7 +538,7 @@ def load_codec(path: str | Path, decoder: str | Path | None = None) -> tuple[Cod
     state = load_checkpoint(Path(path), "codec")
     if state.get("record", {}).get("stage") != "codec":
         raise TrainError(f"{path}: not a codec checkpoint (run `cicada train codec` first)")
-    codec = Codec(CodecConfig(**state["config"]["codec"]))
+    codec = make_codec(state["config"]["codec"])
     codec.load_state_dict(state["model"])
     record = dict(state["record"])
     if decoder is not None:
@@ -556,9 +605,8 @@ def train_decoder(
         with torch.no_grad():
             q = codec.quantizer(codec.encoder(x)).quantized
         y = codec.decoder(q)[..., : x.shape[-1]]
-        spec = spectral_loss(x, y, sr)
-        wave = (x - y).abs().mean()
-        return spec + cfg.wave_weight * wave, dict(spectral=float(spec.detach()), wave=float(wave.detach()))
+        losses = reconstruction_losses(codec, x, y, q, cfg.wave_weight, cfg.magnitude_weight, cfg.phase_weight)
+        return losses.pop("total"), {k: float(v.detach()) for k, v in losses.items()}
 
     loop.run(cfg, opt, list(codec.decoder.parameters()), 10.0, step_fn, checkpoint, quiet)
     return record
@@ -758,8 +806,13 @@ def export_pack(
     quantize: str = "int8",
     overwrite: bool = False,
     command: str | None = None,
+    float16: bool = True,
 ):
-    """Export the trained models as a pack with the whole training record in its manifest."""
+    """Export the trained models as a pack with the whole training record in its manifest.
+
+    The LM is quantized as ``quantize`` says; with ``float16`` the other graphs store their weights as
+    float16 (they still compute in float32), which keeps the default pack under 50 MB.
+    """
     from export.pack import pack_models
 
     codec, codec_record = load_codec(codec_checkpoint, decoder_checkpoint)
@@ -776,6 +829,8 @@ def export_pack(
         codec_training=_tomlable(codec_record),
         lm_training=_tomlable(lm_record),
         export_command=command or "cicada train pack",
+        weights=f"lm {quantize}; decoder, conditioner, encoder {'float16' if float16 else 'float32'} "
+                "(computed in float32)",
         corpus="export/data.py procedural synthesizer, 22 food-sound prompts (export/prompts.txt)",
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -796,6 +851,7 @@ def export_pack(
             training=training,
             overwrite=overwrite,
             encoder=codec,
+            float16=float16,
         )
 
 
@@ -827,7 +883,7 @@ def run_cli(args: Any) -> int:
     common = ("steps", "minutes", "batch", "lr", "seed")
     if args.stage in ("codec", "all"):
         out = args.runs / "codec" if args.stage == "all" else args.out
-        cfg = _overrides(CodecTrainConfig(), args, common)
+        cfg = _overrides(CODEC_KINDS[getattr(args, "kind", None) or "seanet"](), args, common)
         rec = train_codec(out, cfg, device=args.device, fresh=args.fresh, command=command)
         print(f"codec: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")

@@ -109,6 +109,19 @@ def _render(pack: packfmt.Pack, samples: int, *, pipelined: bool, rate: int | No
     return sink.audio()
 
 
+def test_stream_reports_its_write_gaps_and_queue_low_point(pack: packfmt.Pack) -> None:
+    """What an underrun post-mortem reads from the status line: the longest wait between two blocks and the
+    emptiest the queue was when one arrived, per window (each call starts a new one)."""
+    gen = Generator(pack, seed=1, params=GenParams(prompt=pack.prompts[0]))
+    sink = ListSink(gen.sample_rate, gen.channels)
+    stream = Stream(gen, sink, pipelined=False)
+    assert stream.take_window() == {"write_gap_ms_max": 0.0, "queue_ms_min": None}
+    stream.render(20 * gen.block_samples)
+    w = stream.take_window()
+    assert w["write_gap_ms_max"] > 0.0 and w["queue_ms_min"] == 0.0  # ListSink plays at once: never queued
+    assert stream.take_window() == {"write_gap_ms_max": 0.0, "queue_ms_min": None}
+
+
 def test_pipelined_stream_equals_serial_and_is_exact_length(pack: packfmt.Pack) -> None:
     n = 50 * pack.audio.hop_length + 7
     a = _render(pack, n, pipelined=True)

@@ -14,8 +14,15 @@ from export import train
 
 
 def tiny_codec_cfg(steps: int) -> train.CodecTrainConfig:
+    cfg = train.CodecTrainConfig.spectral(steps=steps, batch=2, segment=0.1, warmup=2, dead_code_every=2)
+    cfg.codec.update(hidden=16, dimension=16, encoder_blocks=1, decoder_blocks=1, codebook_size=32)
+    return cfg
+
+
+def tiny_seanet_cfg(steps: int) -> train.CodecTrainConfig:
     cfg = train.CodecTrainConfig(steps=steps, batch=2, segment=0.1, warmup=2, dead_code_every=2)
-    cfg.codec.update(n_filters=4, dimension=16, lstm_layers=1, codebook_size=32, ratios=[8, 5, 4, 4])
+    cfg.codec = dict(sample_rate=32000, channels=2, n_filters=4, ratios=[8, 5, 4, 4], dimension=16,
+                     lstm_layers=1, causal=True, pad_mode="constant", codebook_size=32)
     return cfg
 
 
@@ -47,12 +54,19 @@ def test_codec_checkpoint_resumes_where_it_stopped(tmp_path: Path) -> None:
     rec = train.train_codec(tmp_path, longer, device="cpu", quiet=True)
     assert rec["config"]["batch"] == 2
     assert rec["step"] == 3
-    assert set(rec["losses"]) == {"spectral", "wave", "commit"}
+    assert set(rec["losses"]) == {"magnitude", "phase", "spectral", "wave", "commit"}
     second = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)
     assert second["step"] == 3 and second["elapsed"] >= first["elapsed"]
     changed = [k for k, v in first["model"].items() if v.is_floating_point() and not torch.equal(v, second["model"][k])]
     assert changed  # the third step trained the weights further
     assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_a_seanet_codec_trains_with_the_same_loop(tmp_path: Path) -> None:
+    rec = train.train_codec(tmp_path, tiny_seanet_cfg(2), device="cpu", quiet=True)
+    assert rec["step"] == 2 and set(rec["losses"]) == {"spectral", "wave", "commit"}
+    codec, record = train.load_codec(tmp_path / train.CHECKPOINT)
+    assert type(codec).__name__ == "Codec" and record["stage"] == "codec"
 
 
 def test_same_seed_same_codec(tmp_path: Path) -> None:
@@ -121,7 +135,7 @@ def test_exported_pack_runs_and_its_encoder_matches_torch(runs: Path, tmp_path: 
 
     out = tmp_path / "pack"
     pack = train.export_pack(out, codec_checkpoint=runs / "codec" / train.CHECKPOINT,
-                             lm_checkpoint=runs / "lm" / train.CHECKPOINT, quantize="none")
+                             lm_checkpoint=runs / "lm" / train.CHECKPOINT, quantize="none", float16=False)
     assert pack.encoder is not None and pack.lm["context"] == 12
     tr = pack.info["training"]
     assert tr["lm"]["layers"] == 2 and tr["codec_training"]["step"] == 4 and "losses" in tr["lm_training"]
@@ -158,6 +172,25 @@ def test_exported_pack_runs_and_its_encoder_matches_torch(runs: Path, tmp_path: 
     assert block.shape[0] == 2 and np.isfinite(block).all()
 
 
+def test_float16_weights_halve_the_files_and_decode_the_same(runs: Path, tmp_path: Path) -> None:
+    from engine.codec import DecoderSession
+
+    packs = {half: train.export_pack(tmp_path / str(half), codec_checkpoint=runs / "codec" / train.CHECKPOINT,
+                                     lm_checkpoint=runs / "lm" / train.CHECKPOINT, quantize="none", float16=half)
+             for half in (False, True)}
+    for name in ("decoder.onnx", "conditioner.onnx", "encoder.onnx"):
+        full, half = ((packs[h].path / name).stat().st_size for h in (False, True))
+        assert half < 0.7 * full, name
+    assert "decoder, conditioner, encoder float16" in packs[True].info["training"]["weights"]
+    sessions = [DecoderSession(packs[h]) for h in (False, True)]
+    rng = np.random.default_rng(0)
+    k, card = packs[True].codebooks.count, packs[True].codebooks.cardinality
+    for _ in range(6):
+        codes = rng.integers(0, card, (1, k, 1))
+        a, b = (s.step(codes).copy() for s in sessions)
+        assert np.abs(a - b).max() <= 1e-2 * max(1e-3, float(np.abs(a).max()))
+
+
 def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "pack", "--codec", str(tmp_path / "none.pt"), "--out", str(tmp_path / "p")]) == 1
     err = capsys.readouterr().err
@@ -170,6 +203,11 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["train", "codec", "--steps", "1", "--batch", "1", "--threads", "1", "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "codec: step 1" in out and (tmp_path / "c" / train.CHECKPOINT).exists()
+    assert main(["train", "codec", "--kind", "spectral", "--steps", "1", "--batch", "1", "--threads", "1",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert "codec: step 1" in capsys.readouterr().out
+    codec, record = train.load_codec(tmp_path / "s" / train.CHECKPOINT)
+    assert type(codec).__name__ == "SpectralCodec" and record["config"]["segment"] == 0.8
 
 
 def test_configs_are_plain_data() -> None:
@@ -182,7 +220,7 @@ def test_decoder_fine_tuning_keeps_the_tokens_and_packs(runs: Path, tmp_path: Pa
     codec_ckpt = runs / "codec" / train.CHECKPOINT
     cfg = train.DecoderTrainConfig(steps=3, batch=2, segment=0.1, warmup=1)
     rec = train.train_decoder(tmp_path / "dec", cfg, codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
-    assert rec["step"] == 3 and set(rec["losses"]) == {"spectral", "wave"}
+    assert rec["step"] == 3 and set(rec["losses"]) == {"magnitude", "phase", "spectral", "wave"}
     base, _ = train.load_codec(codec_ckpt)
     tuned, record = train.load_codec(codec_ckpt, tmp_path / "dec" / train.CHECKPOINT)
     assert record["decoder"]["step"] == 3

@@ -1,0 +1,205 @@
+"""The frame-rate spectral codec: causal, streaming equals offline (odd chunk sizes too), ONNX equals torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx import export_graph, max_abs_diff, ort_session, run_onnx
+from export.pack import EncoderGraph
+from export.spectral import (
+    SpectralCodec,
+    SpectralCodecConfig,
+    StreamingSpectralDecoder,
+    direct_loss,
+    frame_targets,
+    hann,
+)
+
+TOTAL_FRAMES = 21  # a multiple of 1, 3 and 7
+
+
+def tiny(channels: int = 2, **kw: object) -> SpectralCodecConfig:
+    base: dict = dict(sample_rate=8000, channels=channels, hop=32, hidden=24, dimension=8, encoder_blocks=2,
+                      decoder_blocks=2, n_codebooks=2, codebook_size=16)
+    base.update(kw)
+    return SpectralCodecConfig(**base)
+
+
+def random_codec(cfg: SpectralCodecConfig, seed: int = 0) -> SpectralCodec:
+    """Random weights with non-zero residual branches (their output layers start at zero)."""
+    torch.manual_seed(seed)
+    codec = SpectralCodec(cfg).eval()
+    with torch.no_grad():
+        for p in codec.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        codec.quantizer.embed.normal_()
+    return codec
+
+
+def stream(dec: StreamingSpectralDecoder, codes: torch.Tensor) -> torch.Tensor:
+    state = dec.initial_state()
+    out = []
+    with torch.no_grad():
+        for t in range(0, codes.shape[-1], dec.frames):
+            pcm, *state = dec(codes[..., t : t + dec.frames], *state)
+            out.append(pcm)
+    return torch.cat(out, dim=-1)
+
+
+def test_hann_sums_to_one_at_half_overlap() -> None:
+    w = hann(64)
+    assert torch.allclose(w[:32] + w[32:], torch.ones(32, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("frames", [1, 3, 7])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_stream_equals_offline(channels: int, frames: int) -> None:
+    cfg = tiny(channels)
+    codec = random_codec(cfg)
+    codes = torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, TOTAL_FRAMES))
+    with torch.no_grad():
+        offline = codec.decode(codes)
+    dec = codec.streaming_decoder(frames)
+    assert dec.lookahead_samples == 0
+    got = stream(dec, codes)
+    assert got.shape == offline.shape == (1, channels, TOTAL_FRAMES * cfg.hop)
+    assert float(offline.abs().max()) > 1e-3  # not trivially silent
+    assert max_abs_diff(got, offline) <= 1e-5
+
+
+def test_encoder_is_causal() -> None:
+    """Codes of a frame depend only on audio up to the end of that frame."""
+    cfg = tiny()
+    codec = random_codec(cfg, seed=3)
+    x = torch.randn(1, cfg.channels, 12 * cfg.hop)
+    y = x.clone()
+    y[..., 8 * cfg.hop :] = torch.randn(1, cfg.channels, 4 * cfg.hop)
+    with torch.no_grad():
+        zx, zy = codec.encoder(x), codec.encoder(y)
+    assert max_abs_diff(zx[..., :8], zy[..., :8]) <= 1e-6
+    assert max_abs_diff(zx[..., 8:], zy[..., 8:]) > 1e-3
+
+
+def test_decoder_is_causal() -> None:
+    """Changing the codes from frame 8 on leaves the first 8 blocks of audio alone."""
+    cfg = tiny()
+    codec = random_codec(cfg, seed=4)
+    a = torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, 12))
+    b = a.clone()
+    b[..., 8:] = (b[..., 8:] + 1) % cfg.codebook_size
+    with torch.no_grad():
+        ya, yb = codec.decode(a), codec.decode(b)
+    n = 8 * cfg.hop
+    assert max_abs_diff(ya[..., :n], yb[..., :n]) <= 1e-6
+    assert max_abs_diff(ya[..., n:], yb[..., n:]) > 1e-4
+
+
+def test_encoder_features_match_an_fft() -> None:
+    cfg = tiny(1)
+    enc = SpectralCodec(cfg).encoder
+    x = torch.randn(1, 1, 5 * cfg.hop, dtype=torch.float32)
+    feats = enc.features(x)  # [1, N, 5]
+    padded = torch.nn.functional.pad(x, (cfg.n_fft - cfg.hop, 0))[0, 0]
+    frame = padded[2 * cfg.hop : 2 * cfg.hop + cfg.n_fft].double() * hann(cfg.n_fft)
+    power = torch.fft.rfft(frame).abs().pow(2)
+    assert torch.allclose(feats[0, :, 2].double(), torch.log(power + 1e-8), atol=1e-3)
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_onnx_equals_torch(tmp_path: Path, frames: int) -> None:
+    cfg = tiny()
+    codec = random_codec(cfg, seed=1)
+    dec = codec.streaming_decoder(frames)
+    session = ort_session(export_graph(dec, dec.example_inputs(), dec.spec, tmp_path / "decoder.onnx"))
+    codes = torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, TOTAL_FRAMES))
+    t_state = dec.initial_state()
+    o_state: list = [s.numpy() for s in t_state]
+    pcm = []
+    with torch.no_grad():
+        for t in range(0, TOTAL_FRAMES, frames):
+            chunk = codes[..., t : t + frames]
+            t_out = dec(chunk, *t_state)
+            o_out = run_onnx(session, dec.spec, [chunk, *o_state])
+            for a, b, s in zip(t_out, o_out, dec.spec.outputs):
+                assert max_abs_diff(a, b) <= 1e-4, s.name
+            pcm.append(o_out[0])
+            t_state, o_state = list(t_out[1:]), o_out[1:]
+        offline = codec.decode(codes)
+    assert max_abs_diff(np.concatenate(pcm, axis=-1), offline) <= 1e-4
+
+
+def test_encoder_graph_exports(tmp_path: Path) -> None:
+    cfg = tiny()
+    codec = random_codec(cfg, seed=2)
+    graph = EncoderGraph(codec, seconds=0.2)
+    session = ort_session(export_graph(graph.eval(), graph.example_inputs(), graph.spec, tmp_path / "encoder.onnx"))
+    audio = torch.randn(graph.spec.inputs[0].shape) * 0.3
+    (codes,) = run_onnx(session, graph.spec, [audio])
+    with torch.no_grad():
+        expect = codec.encode(audio)
+    assert codes.shape == tuple(expect.shape)
+    assert (codes == expect.numpy()).mean() > 0.99  # a float tie may flip a code
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="hop must be even"):
+        tiny(hop=33)
+    with pytest.raises(ValueError, match="channels"):
+        tiny(channels=3)
+    cfg = tiny()
+    assert SpectralCodecConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        SpectralCodecConfig.from_dict({**cfg.to_dict(), "ratios": [8]})
+
+
+def test_targets_resynthesise_the_audio() -> None:
+    """The per-bin targets the decoder learns from (magnitude, phase advance) rebuild the audio exactly."""
+    cfg = tiny()
+    dec = SpectralCodec(cfg).decoder
+    torch.manual_seed(5)
+    t = torch.arange(10 * cfg.hop) / cfg.sample_rate
+    audio = torch.stack([0.5 * torch.sin(2 * torch.pi * 440.0 * t), 0.1 * torch.randn(t.shape)])[None]
+    target, mask = frame_targets(dec, audio)
+    assert mask.tolist() == [1.0] * 9 + [0.0]
+    angle = torch.angle(target)
+    advance = angle - torch.nn.functional.pad(angle, (0, 0, 1, 0))[..., :-1, :]
+    with torch.no_grad():
+        y = dec.synthesize(torch.log(target.abs() + 1e-30), advance)
+    # block 0 lacks the frame before it (it fades in); the last block needs the frame after it
+    a, b = cfg.hop, 9 * cfg.hop
+    assert max_abs_diff(y[..., a:b], audio[..., a:b]) <= 1e-4
+
+
+def test_direct_loss_is_zero_for_the_true_frames() -> None:
+    cfg = tiny(1)
+    codec = random_codec(cfg, seed=6)
+    audio = torch.randn(1, 1, 12 * cfg.hop) * 0.2
+    z = codec.encoder(audio)
+    mag_loss, phase_loss = direct_loss(codec.decoder, z, audio)
+    assert float(mag_loss) > 0.1 and 0.0 < float(phase_loss) <= 2.0
+    (mag_loss + phase_loss).backward()
+    assert codec.decoder.net.out.weight.grad is not None
+
+
+def test_float16_storage_keeps_the_graph_and_halves_the_file(tmp_path: Path) -> None:
+    from export.onnx import store_float16
+
+    cfg = tiny(hidden=64)
+    codec = random_codec(cfg, seed=7)
+    dec = codec.streaming_decoder(1)
+    full = export_graph(dec, dec.example_inputs(), dec.spec, tmp_path / "full.onnx")
+    half = store_float16(full, tmp_path / "half.onnx")
+    assert half.stat().st_size < 0.7 * full.stat().st_size
+    a, b = ort_session(full), ort_session(half)
+    state_a: list = [s.numpy() for s in dec.initial_state()]
+    state_b = list(state_a)
+    for t in range(5):
+        codes = torch.full((1, cfg.n_codebooks, 1), t, dtype=torch.int64)
+        out_a = run_onnx(a, dec.spec, [codes, *state_a])
+        out_b = run_onnx(b, dec.spec, [codes, *state_b])
+        assert max_abs_diff(out_a[0], out_b[0]) <= 2e-3 * max(1e-3, float(np.abs(out_a[0]).max()))
+        state_a, state_b = out_a[1:], out_b[1:]
