@@ -47,6 +47,7 @@ from torch import nn
 
 from export.codec import CodecOutput, ResidualVQ
 from export.onnx import GraphSpec, TensorSpec
+from export.streaming import CodesStepGraph
 
 LOG_POWER_FLOOR = 1e-8
 TWO_PI = 2.0 * math.pi
@@ -314,7 +315,7 @@ class SpectralCodec(nn.Module):
 # --------------------------------------------------------------------------- streaming
 
 
-class StreamingSpectralDecoder(nn.Module):
+class StreamingSpectralDecoder(CodesStepGraph):
     """Explicit-state step graph of a :class:`SpectralDecoder`::
 
         (codes [1, K, F], *state_in) -> (pcm [1, C, F * hop], *state_out)
@@ -370,14 +371,6 @@ class StreamingSpectralDecoder(nn.Module):
             "kind": "codec_decoder", "frames_per_step": f, "batch": 1, "hop_length": self.hop,
             "sample_rate": cfg.sample_rate, "channels": c, "n_codebooks": k, "codebook_size": card,
             "lookahead_samples": 0})
-
-    def initial_state(self) -> list[torch.Tensor]:
-        return [s.zeros() for s in self.spec.inputs[1:]]
-
-    def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        g = torch.Generator().manual_seed(0)
-        codes = torch.randint(0, self.codebook_size, self.spec.inputs[0].shape, generator=g, dtype=torch.int64)
-        return (codes, *self.initial_state())
 
     def forward(self, codes: torch.Tensor, *state_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cfg = self.cfg

@@ -267,7 +267,25 @@ def decoder_lookahead(cfg: CodecConfig) -> int:
     return StreamingDecoder(Codec(slim), frames_per_step=1).lookahead_samples
 
 
-class StreamingDecoder(nn.Module):
+class CodesStepGraph(nn.Module):
+    """What every decoder step graph shares: ``spec`` lists ``codes`` first and then the state inputs, and
+    ``codebook_size`` bounds valid codes."""
+
+    spec: GraphSpec
+    codebook_size: int
+
+    def initial_state(self) -> list[torch.Tensor]:
+        """Zeros for every state input (same order as ``spec.inputs[1:]``)."""
+        return [s.zeros() for s in self.spec.inputs[1:]]
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """``(codes, *initial_state())`` with valid random codes, for export."""
+        g = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, self.codebook_size, self.spec.inputs[0].shape, generator=g, dtype=torch.int64)
+        return (codes, *self.initial_state())
+
+
+class StreamingDecoder(CodesStepGraph):
     """Fixed-shape, explicit-state step graph of a codec decoder.
 
     Built from a copy of ``codec``'s decoder and codebooks with weight norm
@@ -347,16 +365,6 @@ class StreamingDecoder(nn.Module):
                 "lookahead_samples": self.lookahead_samples,
             },
         )
-
-    def initial_state(self) -> list[torch.Tensor]:
-        """Zeros for every state input, ``step_in`` first (same order as ``spec.inputs[1:]``)."""
-        return [s.zeros() for s in self.spec.inputs[1:]]
-
-    def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        """``(codes, *initial_state())`` with valid random codes, for export."""
-        g = torch.Generator().manual_seed(0)
-        codes = torch.randint(0, self.codebook_size, self.spec.inputs[0].shape, generator=g, dtype=torch.int64)
-        return (codes, *self.initial_state())
 
     def forward(self, codes: torch.Tensor, *state_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """codes [B, K, F] int64, step_in [1] int64, *state -> pcm [B, C, F*hop], step_out [1], *state."""
