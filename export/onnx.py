@@ -183,8 +183,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 def store_float16(src: str | os.PathLike, dst: str | os.PathLike, min_elements: int = 4096) -> Path:
     """Store ``src``'s large float32 weights as float16 in ``dst``; the graph still computes in float32.
 
-    Each float32 initializer of at least ``min_elements`` values becomes a float16
-    initializer plus a ``Cast`` back to float32 under the original name, so every
+    Each float32 initializer (or ``Constant`` node) of at least ``min_elements`` values
+    becomes float16 plus a ``Cast`` back to float32 under the original name, so every
     consumer is unchanged. ONNX Runtime folds those casts once when the session
     opens: the file is about half the size and steps cost the same. The weights
     are rounded to float16 (relative error <= 2^-11); small tensors (norms,
@@ -205,6 +205,20 @@ def store_float16(src: str | os.PathLike, dst: str | os.PathLike, min_elements: 
         casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=f"{init.name}__cast"))
     for node in reversed(casts):
         graph.node.insert(0, node)
+    # Tensors the exporter left as Constant nodes (non-persistent buffers such as DFT bases): the same,
+    # the Cast right after the node.
+    for i in reversed(range(len(graph.node))):
+        node = graph.node[i]
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
+            continue
+        t = node.attribute[0].t
+        if t.data_type != TensorProto.FLOAT or int(np.prod(t.dims)) < min_elements:
+            continue
+        out = node.output[0]
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+        node.output[0] = f"{out}__f16"
+        graph.node.insert(i + 1, helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT,
+                                                  name=f"{out}__cast"))
     onnx.checker.check_model(model)
     dst = Path(dst)
     onnx.save(model, str(dst))

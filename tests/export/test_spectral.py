@@ -174,13 +174,13 @@ def test_targets_resynthesise_the_audio() -> None:
     assert max_abs_diff(y[..., a:b], audio[..., a:b]) <= 1e-4
 
 
-def test_direct_loss_is_zero_for_the_true_frames() -> None:
+def test_direct_loss_is_bounded_and_trains_the_decoder() -> None:
     cfg = tiny(1)
     codec = random_codec(cfg, seed=6)
     audio = torch.randn(1, 1, 12 * cfg.hop) * 0.2
     z = codec.encoder(audio)
     mag_loss, phase_loss = direct_loss(codec.decoder, z, audio)
-    assert float(mag_loss) > 0.1 and 0.0 < float(phase_loss) <= 2.0
+    assert float(mag_loss.detach()) > 0.1 and 0.0 < float(phase_loss.detach()) <= 2.0
     (mag_loss + phase_loss).backward()
     assert codec.decoder.net.out.weight.grad is not None
 
