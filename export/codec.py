@@ -472,6 +472,12 @@ class Codec(nn.Module):
         audio = self.decoder(q.quantized)[..., : wav.shape[-1]]
         return CodecOutput(audio, q.codes, q.commit_loss)
 
+    def streaming_decoder(self, frames_per_step: int = 1) -> nn.Module:
+        """The decoder's step graph for a pack (:class:`export.streaming.StreamingDecoder`, a frozen copy)."""
+        from export.streaming import StreamingDecoder
+
+        return StreamingDecoder(self, frames_per_step=frames_per_step)
+
 
 # ---------------------------------------------------------------------------
 # Hugging Face conversion

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,30 +196,32 @@ def store_float16(src: str | os.PathLike, dst: str | os.PathLike, min_elements: 
 
     model = onnx.load(str(src))
     graph = model.graph
+
+    def halve(t: Any, name: str) -> tuple[Any, Any] | None:
+        """A large float32 tensor ``t`` -> (its float16 copy named ``name__f16``, the Cast back to ``name``)."""
+        if t.data_type != TensorProto.FLOAT or int(np.prod(t.dims)) < min_elements:
+            return None
+        half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), f"{name}__f16")
+        return half, helper.make_node("Cast", [half.name], [name], to=TensorProto.FLOAT, name=f"{name}__cast")
+
     casts = []
     for init in list(graph.initializer):
-        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
-            continue
-        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__f16")
-        graph.initializer.remove(init)
-        graph.initializer.append(half)
-        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=f"{init.name}__cast"))
+        if (done := halve(init, init.name)) is not None:
+            graph.initializer.remove(init)
+            graph.initializer.append(done[0])
+            casts.append(done[1])
     for node in reversed(casts):
         graph.node.insert(0, node)
-    # Tensors the exporter left as Constant nodes (non-persistent buffers such as DFT bases): the same,
-    # the Cast right after the node.
+    # Tensors the exporter left as Constant nodes (non-persistent buffers such as DFT bases): the node
+    # now makes the float16 copy, and its Cast follows it.
     for i in reversed(range(len(graph.node))):
         node = graph.node[i]
         if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
             continue
-        t = node.attribute[0].t
-        if t.data_type != TensorProto.FLOAT or int(np.prod(t.dims)) < min_elements:
-            continue
-        out = node.output[0]
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-        node.output[0] = f"{out}__f16"
-        graph.node.insert(i + 1, helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT,
-                                                  name=f"{out}__cast"))
+        if (done := halve(node.attribute[0].t, node.output[0])) is not None:
+            node.attribute[0].t.CopyFrom(done[0])
+            node.output[0] = done[0].name
+            graph.node.insert(i + 1, done[1])
     onnx.checker.check_model(model)
     dst = Path(dst)
     onnx.save(model, str(dst))

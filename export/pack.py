@@ -207,15 +207,14 @@ def pack_models(
     overwrite: bool = False,
     float16: bool = False,
 ) -> packfmt.Pack:
-    """Pack a codec (export.codec.Codec), an LM (export.lm.LM) and a text encoder.
+    """Pack a codec (export.codec.Codec or export.spectral.SpectralCodec), an LM (export.lm.LM) and a text encoder.
 
-    Wraps them in their step graphs (StreamingDecoder, LMStep with batch 2 for
+    Wraps them in their step graphs (the codec's ``streaming_decoder()``, LMStep with batch 2 for
     guidance, ConditionerGraph) and takes the audio and codebook figures from
     their configs; delays follow MusicGen's pattern (codebook k waits k frames).
     """
     from export.conditioner import ConditionerGraph
     from export.lm import LMStep
-    from export.streaming import StreamingDecoder
 
     ccfg, lcfg = codec.cfg, lm.cfg
     spec = PackSpec(
@@ -239,8 +238,7 @@ def pack_models(
         return build_pack(
             out,
             spec,
-            decoder_step=(codec.streaming_decoder(frames_per_step) if hasattr(codec, "streaming_decoder")
-                          else StreamingDecoder(codec, frames_per_step=frames_per_step)),
+            decoder_step=codec.streaming_decoder(frames_per_step),
             lm_step=LMStep(lm, batch=2, context=context, text_len=text_len),
             conditioner=ConditionerGraph(text_encoder, lm, text_len=text_len),
             tokenizer_file=tokenizer_file,

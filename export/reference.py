@@ -351,7 +351,6 @@ class EagerStream:
         from export.codec import Codec
         from export.lm import LM, NEG, LMStep, rope_cos_sin
         from export.spectral import SpectralCodec, SpectralCodecConfig
-        from export.streaming import StreamingDecoder
 
         self._rope = rope_cos_sin
         torch.manual_seed(seed)
@@ -360,10 +359,8 @@ class EagerStream:
         self.step = LMStep(
             LM(arch.lm).eval(), batch=2, context=int(pack.lm["context"]), text_len=int(pack.conditioner["max_tokens"])
         ).eval()
-        if isinstance(arch.codec, SpectralCodecConfig):
-            self.decoder = SpectralCodec(arch.codec).eval().streaming_decoder(self.frames)
-        else:
-            self.decoder = StreamingDecoder(Codec(arch.codec).eval(), frames_per_step=self.frames).eval()
+        codec = SpectralCodec(arch.codec) if isinstance(arch.codec, SpectralCodecConfig) else Codec(arch.codec)
+        self.decoder = codec.eval().streaming_decoder(self.frames)
         self.mismatches = _spec_mismatches(pack.lm, self.step.spec) + _spec_mismatches(pack.decoder, self.decoder.spec)
         self.gen = torch.Generator().manual_seed(seed)
         self.top_k = min(TOP_K, arch.lm.card)

@@ -36,6 +36,7 @@ Shapes: ``B`` batch, ``C`` channels, ``T`` samples, ``F`` frames, ``D`` latent,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -339,10 +340,10 @@ class StreamingSpectralDecoder(CodesStepGraph):
         self.n_codebooks, self.codebook_size = k, card
         self.register_buffer("table", codec.quantizer.embed.detach().clone().reshape(k * card, dim))
         self.register_buffer("offsets", (torch.arange(k, dtype=torch.int64) * card).view(1, k, 1))
-        net = codec.decoder.net
-        self.inp = _copy(net.inp)
-        self.blocks = nn.ModuleList(_FrozenBlock(b) for b in net.blocks)
-        self.out = _copy(net.out)
+        net = codec.decoder.net  # read only: the step graph holds its own copies
+        self.inp = copy.deepcopy(net.inp)
+        self.blocks = nn.ModuleList(_SteppedBlock(b) for b in net.blocks)
+        self.out = copy.deepcopy(net.out)
         # irfft as a matrix product: frame[n] = sum_k re[k] A[k, n] + im[k] B[k, n], window folded in.
         n, bins = cfg.n_fft, cfg.bins
         kk = torch.arange(bins, dtype=torch.float64)[:, None]
@@ -397,26 +398,13 @@ class StreamingSpectralDecoder(CodesStepGraph):
         return (pcm, *new_state, last[None], second[:, -1][None])
 
 
-def _copy(conv: nn.Conv1d) -> nn.Conv1d:
-    new = nn.Conv1d(conv.in_channels, conv.out_channels, conv.kernel_size[0], bias=conv.bias is not None)
-    new.load_state_dict(conv.state_dict())
-    return new
-
-
-class _FrozenBlock(nn.Module):
-    """A :class:`CausalBlock` stepped with its input history as state."""
+class _SteppedBlock(nn.Module):
+    """A copy of a :class:`CausalBlock` stepped with its last ``kernel - 1`` normalised frames as state."""
 
     def __init__(self, block: CausalBlock) -> None:
         super().__init__()
-        self.conv = _copy(block.conv)
-        self.out = _copy(block.out)
-        self.register_buffer("weight", block.norm_weight.detach().clone())
-        self.register_buffer("bias", block.norm_bias.detach().clone())
+        self.block = copy.deepcopy(block)
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu = x.mean(1, keepdim=True)
-        var = (x - mu).pow(2).mean(1, keepdim=True)
-        h = (x - mu) * torch.rsqrt(var + 1e-5) * self.weight[None, :, None] + self.bias[None, :, None]
-        hp = torch.cat([cache, h], dim=-1)
-        y = x + self.out(F.gelu(self.conv(hp)))
-        return y, hp[..., hp.shape[-1] - cache.shape[-1]:]
+        hp = torch.cat([cache, self.block.norm_frames(x)], dim=-1)
+        return x + self.block.branch(hp), hp[..., hp.shape[-1] - cache.shape[-1]:]
