@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     trs = tr.add_subparsers(dest="stage", required=True, metavar="STAGE")
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps (default: the stage's)")
-    run.add_argument("--minutes", type=_positive(float), default=None, help="wall-clock cap for the stage (default 60)")
+    run.add_argument("--minutes", type=_positive(float), default=None, help="wall-clock cap for the stage (default: codec 50, LM 70, decoder 30)")
     run.add_argument("--batch", type=_positive(int), default=None, help="batch size (default: the stage's)")
     run.add_argument("--lr", type=_positive(float), default=None, help="peak learning rate")
     run.add_argument("--seed", type=int, default=0, help="seed for weights, corpus and batches (default 0)")
@@ -436,9 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU threads for torch (default: all cores; 1 is faster on a busy machine)")
     root = Path("out/train")
     kind = argparse.ArgumentParser(add_help=False)
-    kind.add_argument("--kind", choices=["seanet", "spectral"], default="seanet",
-                      help="codec: seanet (the shipped pack's) or spectral (frame-rate STFT codec; see "
-                           "docs/training.md); a resumed run keeps its checkpoint's kind")
+    kind.add_argument("--kind", choices=["spectral", "seanet"], default="spectral",
+                      help="codec: spectral (the shipped pack's frame-rate STFT codec) or seanet (causal "
+                           "SEANet; see docs/training.md); a resumed run keeps its checkpoint's kind")
     p = trs.add_parser("codec", parents=[run, kind], help="the causal stereo codec (resumable)")
     p.add_argument("--out", type=Path, default=root / "codec", help="run folder (default out/train/codec)")
     p.set_defaults(func=_cmd_train)

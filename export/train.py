@@ -65,23 +65,22 @@ class TrainError(Exception):
 
 @dataclass
 class CodecTrainConfig:
-    """Codec training at the defaults: about 25 minutes on 2 CPU cores.
+    """Codec training at the defaults: the frame-rate spectral codec the shipped pack uses
+    (:mod:`export.spectral`), 3600 steps of 0.8 s examples, about 48 minutes on 2 CPU cores.
 
-    The default is the causal SEANet the shipped pack uses, sized for the
+    Every frame gets per-bin targets (log magnitude and phase advance,
+    ``magnitude_weight`` / ``phase_weight``) besides the audio losses.
+    :meth:`seanet` is the causal SEANet (``cicada train codec --kind seanet``,
+    about 25 minutes), which uses only the audio losses; it is sized for the
     engine first (decoder step well under 3 ms per frame on 2 cores):
     n_filters 24, one LSTM layer, 4 x 1024 codes at 50 Hz.
-    :meth:`spectral` is the frame-rate spectral codec (:mod:`export.spectral`,
-    ``cicada train codec --kind spectral``, about 48 minutes): it learns more
-    per CPU minute and also gets per-bin targets for every frame (log
-    magnitude and phase advance, ``magnitude_weight`` / ``phase_weight``,
-    unused by a SEANet).
     """
 
     seed: int = 0
-    steps: int = 2400
-    minutes: float = 60.0  # wall-clock cap for this stage
+    steps: int = 3600
+    minutes: float = 50.0  # wall-clock cap for this stage (with the LM's 70: two hours at most)
     batch: int = 8
-    segment: float = 0.4  # seconds per training example
+    segment: float = 0.8  # seconds per training example
     lr: float = 1e-3
     warmup: int = 100
     wave_weight: float = 0.1
@@ -92,22 +91,21 @@ class CodecTrainConfig:
     dead_code_every: int = 10
     codec: dict[str, Any] = field(
         default_factory=lambda: dict(
-            sample_rate=data.SAMPLE_RATE, channels=data.CHANNELS, n_filters=24, ratios=[8, 5, 4, 4],
-            dimension=128, lstm_layers=1, causal=True, pad_mode="constant", conv_shortcut=False,
-            n_codebooks=4, codebook_size=1024,
+            kind="spectral", sample_rate=data.SAMPLE_RATE, channels=data.CHANNELS, hop=640, hidden=512,
+            dimension=128, encoder_blocks=3, decoder_blocks=4, kernel_size=3, n_codebooks=4, codebook_size=1024,
         )
     )
 
     @classmethod
-    def spectral(cls, **overrides: Any) -> CodecTrainConfig:
-        """The spectral codec's defaults: 3600 steps of 0.8 s examples (about 48 minutes on 2 cores)."""
-        codec = dict(kind="spectral", sample_rate=data.SAMPLE_RATE, channels=data.CHANNELS, hop=640, hidden=512,
-                     dimension=128, encoder_blocks=3, decoder_blocks=4, kernel_size=3, n_codebooks=4,
-                     codebook_size=1024)
-        return cls(**{"steps": 3600, "segment": 0.8, "codec": codec, **overrides})
+    def seanet(cls, **overrides: Any) -> CodecTrainConfig:
+        """The causal SEANet's defaults: 2400 steps of 0.4 s examples (about 25 minutes on 2 cores)."""
+        codec = dict(sample_rate=data.SAMPLE_RATE, channels=data.CHANNELS, n_filters=24, ratios=[8, 5, 4, 4],
+                     dimension=128, lstm_layers=1, causal=True, pad_mode="constant", conv_shortcut=False,
+                     n_codebooks=4, codebook_size=1024)
+        return cls(**{"steps": 2400, "segment": 0.4, "codec": codec, **overrides})
 
 
-CODEC_KINDS = {"seanet": CodecTrainConfig, "spectral": CodecTrainConfig.spectral}
+CODEC_KINDS = {"spectral": CodecTrainConfig, "seanet": CodecTrainConfig.seanet}
 
 
 @dataclass
@@ -116,8 +114,8 @@ class DecoderTrainConfig:
     trained on them) stay valid while the sound gets better. Optional; not part of ``train all``."""
 
     seed: int = 0
-    steps: int = 6000
-    minutes: float = 60.0
+    steps: int = 4000
+    minutes: float = 30.0
     batch: int = 8
     segment: float = 0.4
     lr: float = 3e-4
@@ -130,7 +128,7 @@ class DecoderTrainConfig:
 
 @dataclass
 class LMTrainConfig:
-    """LM training at the defaults: about 30 minutes on 2 CPU cores.
+    """LM training at the defaults: about 66 minutes on 2 CPU cores.
 
     The LM is half the depth of the ``tiny`` shape (8 layers of 256), and sees a
     ring of ``context`` frames at run time; training sequences are longer than
@@ -139,8 +137,8 @@ class LMTrainConfig:
     """
 
     seed: int = 0
-    steps: int = 1000
-    minutes: float = 60.0
+    steps: int = 2400
+    minutes: float = 70.0  # wall-clock cap (with the codec's 50: two hours at most)
     batch: int = 12
     frames: int = 192  # frames per training sequence
     context: int = 150  # the pack's ring-cache length (frames of self-attention)
@@ -883,7 +881,7 @@ def run_cli(args: Any) -> int:
     common = ("steps", "minutes", "batch", "lr", "seed")
     if args.stage in ("codec", "all"):
         out = args.runs / "codec" if args.stage == "all" else args.out
-        cfg = _overrides(CODEC_KINDS[getattr(args, "kind", None) or "seanet"](), args, common)
+        cfg = _overrides(CODEC_KINDS[getattr(args, "kind", None) or "spectral"](), args, common)
         rec = train_codec(out, cfg, device=args.device, fresh=args.fresh, command=command)
         print(f"codec: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")

@@ -14,13 +14,13 @@ from export import train
 
 
 def tiny_codec_cfg(steps: int) -> train.CodecTrainConfig:
-    cfg = train.CodecTrainConfig.spectral(steps=steps, batch=2, segment=0.1, warmup=2, dead_code_every=2)
+    cfg = train.CodecTrainConfig(steps=steps, batch=2, segment=0.1, warmup=2, dead_code_every=2)
     cfg.codec.update(hidden=16, dimension=16, encoder_blocks=1, decoder_blocks=1, codebook_size=32)
     return cfg
 
 
 def tiny_seanet_cfg(steps: int) -> train.CodecTrainConfig:
-    cfg = train.CodecTrainConfig(steps=steps, batch=2, segment=0.1, warmup=2, dead_code_every=2)
+    cfg = train.CodecTrainConfig.seanet(steps=steps, batch=2, segment=0.1, warmup=2, dead_code_every=2)
     cfg.codec = dict(sample_rate=32000, channels=2, n_filters=4, ratios=[8, 5, 4, 4], dimension=16,
                      lstm_layers=1, causal=True, pad_mode="constant", codebook_size=32)
     return cfg
@@ -204,15 +204,17 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["train", "codec", "--steps", "1", "--batch", "1", "--threads", "1", "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "codec: step 1" in out and (tmp_path / "c" / train.CHECKPOINT).exists()
-    assert main(["train", "codec", "--kind", "spectral", "--steps", "1", "--batch", "1", "--threads", "1",
+    codec, record = train.load_codec(tmp_path / "c" / train.CHECKPOINT)
+    assert type(codec).__name__ == "SpectralCodec" and record["config"]["segment"] == 0.8  # the default kind
+    assert main(["train", "codec", "--kind", "seanet", "--steps", "1", "--batch", "1", "--threads", "1",
                  "--out", str(tmp_path / "s")]) == 0
     assert "codec: step 1" in capsys.readouterr().out
     codec, record = train.load_codec(tmp_path / "s" / train.CHECKPOINT)
-    assert type(codec).__name__ == "SpectralCodec" and record["config"]["segment"] == 0.8
+    assert type(codec).__name__ == "Codec" and record["config"]["segment"] == 0.4
 
 
 def test_configs_are_plain_data() -> None:
-    for cfg in (train.CodecTrainConfig(), train.LMTrainConfig()):
+    for cfg in (train.CodecTrainConfig(), train.CodecTrainConfig.seanet(), train.LMTrainConfig()):
         d = dataclasses.asdict(cfg)
         assert type(cfg)(**d) == cfg
 
