@@ -537,6 +537,8 @@ def musicgen_config(arch: Architecture, max_positions: int) -> tuple[Any, list[s
     """A MusicgenConfig for ``arch`` (a small T5 text encoder) and notes on what differs from the pack."""
     from transformers import MusicgenConfig, MusicgenDecoderConfig, T5Config
 
+    from export.codec import CodecConfig
+
     notes = ["text encoder: T5 d_model 256, 2 layers (random; runs once per generate)"]
     t5 = T5Config(
         vocab_size=T5_VOCAB, d_model=256, d_kv=64, d_ff=1024, num_layers=2, num_heads=4, feed_forward_proj="relu"
@@ -548,7 +550,15 @@ def musicgen_config(arch: Architecture, max_positions: int) -> tuple[Any, list[s
         dec["max_position_embeddings"] = max(int(dec["max_position_embeddings"]), max_positions)
         dec = MusicgenDecoderConfig(**{k: v for k, v in dec.items() if k not in ("model_type", "transformers_version")})
     else:
-        enc = _encodec_config(arch.codec)
+        codec = arch.codec
+        if not hasattr(codec, "ratios"):  # the spectral codec: transformers has no such model
+            codec = CodecConfig(sample_rate=codec.sample_rate, channels=codec.channels, n_filters=24,
+                                ratios=_factor_hop(codec.hop_length), dimension=codec.dimension, lstm_layers=1,
+                                causal=True, n_codebooks=codec.n_codebooks, codebook_size=codec.codebook_size)
+            notes.append(f"the pack's spectral codec has no transformers counterpart: EnCodec with the same hop, "
+                         f"channels and codebooks (ratios {codec.ratios}, n_filters 24, 1 LSTM layer, the SEANet "
+                         "that `cicada train codec --kind seanet` trains, whose decoder step costs about the same)")
+        enc = _encodec_config(codec)
         if lm.positions != "sinusoidal":
             notes.append(f"MusicGen has sinusoidal positions only; the pack's LM is {lm.positions}")
         if not lm.cross_attention:

@@ -132,3 +132,16 @@ def test_manifest_derivation_rebuilds_the_pack(pack_dir: Path) -> None:
     with torch.inference_mode():
         stream = reference.EagerStream(stripped, arch)
     assert stream.mismatches == []
+
+
+def test_a_spectral_codec_is_compared_with_an_encodec_of_its_frame_rate() -> None:
+    from export.lm import LMConfig
+    from export.spectral import SpectralCodecConfig
+
+    arch = reference.Architecture(SpectralCodecConfig(hidden=16, dimension=16, codebook_size=32),
+                                  LMConfig(dim=32, layers=1, heads=2, ffn_dim=64, card=32), "test")
+    cfg, notes = reference.musicgen_config(arch, 64)
+    enc = cfg.audio_encoder
+    assert math.prod(enc.upsampling_ratios) == arch.codec.hop_length == 640
+    assert enc.audio_channels == 2 and enc.codebook_size == 32
+    assert any("spectral codec" in n for n in notes)
