@@ -552,12 +552,16 @@ def musicgen_config(arch: Architecture, max_positions: int) -> tuple[Any, list[s
     else:
         codec = arch.codec
         if not hasattr(codec, "ratios"):  # the spectral codec: transformers has no such model
-            codec = CodecConfig(sample_rate=codec.sample_rate, channels=codec.channels, n_filters=24,
-                                ratios=_factor_hop(codec.hop_length), dimension=codec.dimension, lstm_layers=1,
-                                causal=True, n_codebooks=codec.n_codebooks, codebook_size=codec.codebook_size)
+            from export.train import CodecTrainConfig
+
+            codec = CodecConfig(**{**CodecTrainConfig.seanet().codec, "sample_rate": codec.sample_rate,
+                                   "channels": codec.channels, "ratios": _factor_hop(codec.hop_length),
+                                   "dimension": codec.dimension, "n_codebooks": codec.n_codebooks,
+                                   "codebook_size": codec.codebook_size})
             notes.append(f"the pack's spectral codec has no transformers counterpart: EnCodec with the same hop, "
-                         f"channels and codebooks (ratios {codec.ratios}, n_filters 24, 1 LSTM layer, the SEANet "
-                         "that `cicada train codec --kind seanet` trains, whose decoder step costs about the same)")
+                         f"channels and codebooks, shaped like the SEANet that `cicada train codec --kind seanet` "
+                         f"trains (ratios {codec.ratios}, n_filters {codec.n_filters}, {codec.lstm_layers} LSTM "
+                         "layer), whose decoder step costs about the same")
         enc = _encodec_config(codec)
         if lm.positions != "sinusoidal":
             notes.append(f"MusicGen has sinusoidal positions only; the pack's LM is {lm.positions}")
