@@ -277,7 +277,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     pack = pack_path(args.pack)
     packfmt.load(pack, check_graphs=False)  # a bad pack fails here, in one line, before the classifier is fitted
     result = evaluate(pack, clips_per_prompt=args.clips, seconds=args.seconds, seed=args.seed, out_dir=args.out,
-                      codec=pack_reconstructor(pack), progress=sys.stderr.isatty())
+                      codec=pack_reconstructor(pack), progress=sys.stderr.isatty(), preset=args.preset)
     if args.json:
         print(json.dumps(result, default=float))
         return 0
@@ -496,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=_positive(int), default=2, help="clips per prompt (default 2)")
     p.add_argument("--seconds", type=_positive(float), default=10.0, help="length of each clip (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first clip of each prompt (default 0)")
+    p.add_argument("--preset", default="default",
+                   help="preset whose sampling settings (temperature, top-k, top-p, guidance) render the clips "
+                        "(name or path; default: default)")
     p.add_argument("--out", type=Path, default=Path("out") / "eval",
                    help="folder for confusion.png and the cached classifier (default out/eval)")
     p.set_defaults(func=_cmd_eval)

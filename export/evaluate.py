@@ -25,6 +25,7 @@ are numpy. ``evaluate`` needs matplotlib for the confusion-matrix figure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -897,8 +898,12 @@ def evaluate(
     codec: Reconstructor | None = None,
     progress: bool = True,
     classifier: SoundClassifier | str | os.PathLike[str] | None = None,
+    preset: str | None = "default",
 ) -> dict[str, Any]:
     """Generate ``clips_per_prompt`` clips of ``seconds`` for every prompt the pack knows and classify them.
+
+    The clips are rendered with the sampling settings of ``preset`` (a name or path, as ``cicada render
+    --preset`` takes; None: the parameter registry's defaults); the result says which under ``sampling``.
 
     Clip ``j`` of every prompt uses seed ``seed + j``. ``classifier``: a fitted :class:`SoundClassifier`, a
     path to a saved one, or None for ``out_dir/classifier.npz`` (refitted with ``DEFAULT_FIT`` when missing
@@ -910,7 +915,7 @@ def evaluate(
     probability the classifier gives the asked prompt), ``confusion`` (``[K, K]`` counts, rows asked, columns
     predicted, in ``prompts`` order), ``prompts``, ``classifier_heldout_accuracy``, ``si_snr_db`` /
     ``mel_distance`` / ``codec`` (None without ``codec``), ``confusion_png``, ``clips_per_prompt``,
-    ``seconds``, ``seed``, ``pack``, ``seconds_taken``; ``skipped_prompts`` lists pack prompts the classifier
+    ``seconds``, ``seed``, ``pack``, ``preset``, ``sampling``, ``seconds_taken``; ``skipped_prompts`` lists pack prompts the classifier
     does not know (not generated).
     """
     t0 = time.perf_counter()
@@ -923,7 +928,7 @@ def evaluate(
     else:
         say("loading or fitting the sound classifier")
         clf = load_or_fit(out / "classifier.npz", progress=say)
-    renderer = ClipRenderer(pack_dir)
+    renderer = ClipRenderer(pack_dir, preset=preset)
     pack = renderer.pack
     asked = list(pack.prompts) or list(clf.prompts)
     known = {p: i for i, p in enumerate(clf.prompts)}
@@ -984,5 +989,7 @@ def evaluate(
         "clips_per_prompt": int(clips_per_prompt),
         "seconds": float(seconds),
         "seed": int(seed),
+        "preset": preset,
+        "sampling": dataclasses.asdict(renderer.base_params.sampling),
         "seconds_taken": time.perf_counter() - t0,
     }

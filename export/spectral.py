@@ -30,6 +30,19 @@ bin of every frame directly (:func:`direct_loss`: the log magnitude and the
 advance of the corresponding sqrt-Hann frame of the input) besides the
 multi-resolution spectral loss on the audio.
 
+Stereo. Left and right each accumulating their own advances would drift apart
+(every small difference between the two predictions adds up), and the stream
+would sound wide and decorrelated whatever the input: a centred hum came out
+with an inter-channel correlation of 0 instead of 1. With ``stereo_phase =
+"linked"`` (the default) the two channels share one accumulated phase and the
+decoder says, per frame and bin, the inter-channel phase difference ``d``
+(left gets ``+d/2``, right ``-d/2``), which is not accumulated::
+
+    phase_L[t] = sum_{s<=t} a[s] + d[t] / 2        phase_R[t] = sum_{s<=t} a[s] - d[t] / 2
+
+``"independent"`` is the older scheme, kept so that codecs trained with it load
+and decode as they were trained.
+
 Shapes: ``B`` batch, ``C`` channels, ``T`` samples, ``F`` frames, ``D`` latent,
 ``H`` hidden width, ``K`` codebooks, ``N`` bins (``n_fft // 2 + 1``).
 """
@@ -52,6 +65,8 @@ from export.streaming import CodesStepGraph
 
 LOG_POWER_FLOOR = 1e-8
 TWO_PI = 2.0 * math.pi
+STEREO_PHASES = ("linked", "independent")
+"""How a stereo decoder's channels get their phase (see the module docstring)."""
 
 
 @dataclass
@@ -69,10 +84,14 @@ class SpectralCodecConfig:
     kernel_size: int = 3
     n_codebooks: int = 4
     codebook_size: int = 1024
+    stereo_phase: str = "linked"  # configs saved before it existed mean "independent" (see from_dict)
 
     def __post_init__(self) -> None:
         if self.kind != "spectral":
             raise ValueError(f"SpectralCodecConfig.kind must be 'spectral', got {self.kind!r}")
+        if self.stereo_phase not in STEREO_PHASES:
+            raise ValueError(f"SpectralCodecConfig.stereo_phase must be one of {STEREO_PHASES}, "
+                             f"got {self.stereo_phase!r}")
         if self.channels not in (1, 2):
             raise ValueError(f"SpectralCodecConfig.channels must be 1 or 2, got {self.channels}")
         for name in ("sample_rate", "hop", "hidden", "dimension", "kernel_size", "n_codebooks", "codebook_size"):
@@ -100,13 +119,20 @@ class SpectralCodecConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def linked(self) -> bool:
+        """Whether the decoder's two channels share one accumulated phase (``stereo_phase = "linked"``)."""
+        return self.channels == 2 and self.stereo_phase == "linked"
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpectralCodecConfig:
+        """The config saved as ``d``; one saved before ``stereo_phase`` existed decodes as it was trained
+        (``"independent"``)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown SpectralCodecConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{"stereo_phase": "independent", **d})
 
 
 def hann(n: int) -> torch.Tensor:
@@ -198,26 +224,31 @@ class SpectralDecoder(nn.Module):
         self.register_buffer("window", hann(cfg.n_fft).sqrt().float(), persistent=False)
         self.register_buffer("odd", (torch.arange(cfg.bins) % 2).float(), persistent=False)
 
-    def spectrum(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z [B, D, F]`` -> log magnitude and phase advance of each frame, each ``[B, C, F, N]``."""
+    def spectrum(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``z [B, D, F]`` -> log magnitude, phase advance and phase offset of each frame, each ``[B, C, F, N]``.
+
+        The advance is accumulated over frames, the offset is not: linked stereo has the same advance on
+        both channels and offsets ``+d/2`` / ``-d/2``; otherwise the offset is 0.
+        """
         cfg = self.cfg
         b, _, f = z.shape
         h = self.net(z).reshape(b, 2, cfg.channels, cfg.bins, f).permute(1, 0, 2, 4, 3)
-        return log_magnitude(h[0], cfg.n_fft), phase_advance(h[1], self.odd)
+        return (log_magnitude(h[0], cfg.n_fft), *phase_channels(h[1], self.odd, cfg.linked))
 
-    def synthesize(self, log_mag: torch.Tensor, advance: torch.Tensor) -> torch.Tensor:
-        """Log magnitudes and phase advances ``[B, C, F, N]`` -> audio ``[B, C, F * hop]``.
+    def synthesize(self, log_mag: torch.Tensor, advance: torch.Tensor, offset: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Log magnitudes, phase advances and offsets ``[B, C, F, N]`` -> audio ``[B, C, F * hop]``.
 
-        The phase of frame ``t`` is the sum of the advances of frames ``0..t`` (so it starts from 0); the
-        frames are inverse-FFT'd, sqrt-Hann windowed and overlap-added (block ``t`` = first half of frame
-        ``t`` + second half of frame ``t - 1``).
+        The phase of frame ``t`` is the sum of the advances of frames ``0..t`` (so it starts from 0) plus
+        that frame's offset; the frames are inverse-FFT'd, sqrt-Hann windowed and overlap-added (block
+        ``t`` = first half of frame ``t`` + second half of frame ``t - 1``).
         """
         cfg = self.cfg
         mag = torch.exp(log_mag)
         # Each frame's advance learns from its own frame against the phase it inherits: the gradient does
         # not flow back through the whole history (which made it noisy and training slow).
         inherited = (torch.cumsum(advance, dim=2) - advance).detach()
-        phase = inherited + advance
+        phase = inherited + advance if offset is None else inherited + advance + offset
         spec = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
         fr = torch.fft.irfft(spec, n=cfg.n_fft, dim=-1) * self.window  # [B, C, F, 2 * hop]
         b, c, f, _ = fr.shape
@@ -245,22 +276,30 @@ def frame_targets(decoder: SpectralDecoder, audio: torch.Tensor) -> tuple[torch.
     return torch.fft.rfft(x, dim=-1), mask
 
 
-def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-bin supervision of the decoder's frames: (log-magnitude L1, magnitude-weighted phase-advance loss).
+def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-bin supervision of the decoder's frames: ``"magnitude"`` (log-magnitude L1), ``"phase"``
+    (magnitude-weighted phase-advance loss) and, for linked stereo, ``"ipd"`` (the inter-channel phase
+    difference, weighted by the geometric mean of the two channels' magnitudes).
 
     Much easier to learn from than the waveform alone: every bin of every frame gets its own target. The
-    phase-advance term is ``1 - cos(predicted - true advance)`` weighted by each bin's share of its
-    frame's magnitude, so the advance is learned where there is something to hear.
+    phase terms are ``1 - cos(predicted - true)`` weighted by each bin's share of its frame's magnitude,
+    so phase is learned where there is something to hear.
     """
     target, mask = frame_targets(decoder, audio)
-    m, adv = decoder.spectrum(z)
+    m, adv, offset = decoder.spectrum(z)
     mag = target.abs()
-    mag_loss = ((m - torch.log(mag + 1e-5)).abs().mean(-1) * mask).mean() / mask.mean()
+    out = {"magnitude": ((m - torch.log(mag + 1e-5)).abs().mean(-1) * mask).mean() / mask.mean()}
     angle = torch.angle(target)
     true_adv = angle - F.pad(angle, (0, 0, 1, 0))[..., :-1, :]
     weight = mag / mag.sum(-1, keepdim=True).clamp_min(1e-7)
-    phase_loss = (((1.0 - torch.cos(adv - true_adv)) * weight).sum(-1)[..., 1:] * mask[1:]).mean() / mask[1:].mean()
-    return mag_loss, phase_loss
+    out["phase"] = (((1.0 - torch.cos(adv - true_adv)) * weight).sum(-1)[..., 1:] * mask[1:]).mean() / mask[1:].mean()
+    if decoder.cfg.linked:
+        true_ipd = torch.angle(target[:, 0] * target[:, 1].conj())  # [B, F, N]
+        both = (mag[:, 0] * mag[:, 1]).sqrt()
+        w = both / both.sum(-1, keepdim=True).clamp_min(1e-7)
+        ipd = offset[:, 0] - offset[:, 1]
+        out["ipd"] = (((1.0 - torch.cos(ipd - true_ipd)) * w).sum(-1) * mask).mean() / mask.mean()
+    return out
 
 
 def log_magnitude(h: torch.Tensor, n_fft: int) -> torch.Tensor:
@@ -280,6 +319,21 @@ def phase_advance(h: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
     ``2 pi`` (``odd`` is ``k mod 2``), so the accumulated phase stays small and exact in float32.
     """
     return math.pi * (odd + torch.tanh(h))
+
+
+def phase_channels(h: torch.Tensor, odd: torch.Tensor, linked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's phase channels ``h [..., C, F, N]`` -> (advance, offset), each ``[..., C, F, N]``.
+
+    Independent: channel ``c``'s advance is :func:`phase_advance` of ``h[c]`` and the offset is 0. Linked
+    (``C = 2``): both advance by :func:`phase_advance` of ``h[0]``, and ``h[1]`` says the inter-channel
+    phase difference ``d = pi tanh(h[1])``, split as offsets ``+d/2`` (left) and ``-d/2`` (right).
+    """
+    if not linked:
+        adv = phase_advance(h, odd)
+        return adv, torch.zeros_like(adv)
+    shared = phase_advance(h[..., :1, :, :], odd)
+    half = 0.5 * math.pi * torch.tanh(h[..., 1:, :, :])
+    return torch.cat([shared, shared], dim=-3), torch.cat([half, -half], dim=-3)
 
 
 class SpectralCodec(nn.Module):
@@ -308,6 +362,12 @@ class SpectralCodec(nn.Module):
         q = self.quantizer(self.encoder(wav))
         return CodecOutput(self.decoder(q.quantized), q.codes, q.commit_loss)
 
+    def set_stereo_phase(self, mode: str) -> None:
+        """Decode stereo phase as ``mode`` (:data:`STEREO_PHASES`) from now on. The weights have the same
+        shapes either way; a decoder fine-tuned with another mode than its codec's uses this."""
+        cfg = dataclasses.replace(self.cfg, stereo_phase=mode)
+        self.cfg = self.encoder.cfg = self.decoder.cfg = cfg
+
     def streaming_decoder(self, frames_per_step: int = 1) -> StreamingSpectralDecoder:
         """The decoder's step graph for a pack (a frozen copy: later training is not seen)."""
         return StreamingSpectralDecoder(self, frames_per_step)
@@ -323,7 +383,8 @@ class StreamingSpectralDecoder(CodesStepGraph):
 
     State: each causal block's last ``kernel - 1`` normalised input frames
     (``block{i}_in [1, H, k - 1]``), every bin's phase (``phase_in [1, C, N]``, kept
-    in ``[0, 2 pi)``) and the overlap-add tail (``ola_in [1, C, hop]``, the second
+    in ``[0, 2 pi)``; linked stereo keeps the shared phase in both rows and adds the
+    frame's offsets, which are not state) and the overlap-add tail (``ola_in [1, C, hop]``, the second
     half of the last frame). The inverse FFT is a matrix product with
     a fixed basis (window folded in), so the graph needs no FFT operator.
     Stream sample ``i`` equals offline sample ``i`` (no lookahead).
@@ -385,9 +446,10 @@ class StreamingSpectralDecoder(CodesStepGraph):
         c, n, f = cfg.channels, cfg.bins, self.frames
         out = out.reshape(2, c, n, f).transpose(2, 3)  # [2, C, F, N]
         mag = torch.exp(log_magnitude(out[0], cfg.n_fft))
-        adv = phase_advance(out[1], self.odd)
+        adv, offset = phase_channels(out[1], self.odd, cfg.linked)
         phase = state_in[-2][0][:, None] + torch.cumsum(adv, dim=1)  # [C, F, N]
-        re, im = mag * torch.cos(phase), mag * torch.sin(phase)
+        heard = phase + offset if cfg.linked else phase
+        re, im = mag * torch.cos(heard), mag * torch.sin(heard)
         frames = re @ self.cos_basis + im @ self.sin_basis  # [C, F, n_fft]
         first, second = frames[..., : self.hop], frames[..., self.hop :]
         tail = state_in[-1][0]  # [C, hop]

@@ -69,7 +69,12 @@ class CodecTrainConfig:
     (:mod:`export.spectral`), 3600 steps of 0.8 s examples, about 48 minutes on 2 CPU cores.
 
     Every frame gets per-bin targets (log magnitude and phase advance,
-    ``magnitude_weight`` / ``phase_weight``) besides the audio losses.
+    ``magnitude_weight`` / ``phase_weight``) besides the audio losses. This
+    stage is the recipe of the shipped codec, whose channels accumulate their
+    phases independently (``stereo_phase = "independent"``, no mid/side
+    term): :func:`train_decoder` then links them. ``stereo_phase = "linked"``
+    in ``codec`` with a ``stereo_weight`` trains linked from the start (not yet
+    measured at full length).
     :meth:`seanet` is the causal SEANet (``cicada train codec --kind seanet``,
     about 25 minutes), which uses only the audio losses; it is sized for the
     engine first (decoder step well under 3 ms per frame on 2 cores):
@@ -86,13 +91,15 @@ class CodecTrainConfig:
     wave_weight: float = 0.1
     commit_weight: float = 0.1
     magnitude_weight: float = 0.5  # spectral codec only: per-bin log-magnitude L1
-    phase_weight: float = 2.0  # spectral codec only: per-bin phase-advance loss
+    phase_weight: float = 2.0  # spectral codec only: per-bin phase-advance (and inter-channel phase) loss
+    stereo_weight: float = 0.0  # mid/side log-mel L1 (see spectral_loss)
     vq_warmup: int = 300  # steps trained as a plain autoencoder before the codebooks start
     dead_code_every: int = 10
     codec: dict[str, Any] = field(
         default_factory=lambda: dict(
             kind="spectral", sample_rate=data.SAMPLE_RATE, channels=data.CHANNELS, hop=640, hidden=512,
             dimension=128, encoder_blocks=3, decoder_blocks=4, kernel_size=3, n_codebooks=4, codebook_size=1024,
+            stereo_phase="independent",  # the shipped codec's; `cicada train decoder` links it
         )
     )
 
@@ -107,11 +114,25 @@ class CodecTrainConfig:
 
 CODEC_KINDS = {"spectral": CodecTrainConfig, "seanet": CodecTrainConfig.seanet}
 
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent"},
+}
+"""What a stage's saved config meant for fields it predates: a run resumes and loads as it was trained."""
+
+
+def saved_config(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config dict with :data:`LEGACY_DEFAULTS` filled in where it predates a field."""
+    return {**LEGACY_DEFAULTS.get(stage, {}), **config}
+
 
 @dataclass
 class DecoderTrainConfig:
     """Decoder fine-tuning on a trained codec: encoder and codebooks frozen, so the tokens (and the LM
-    trained on them) stay valid while the sound gets better. Optional; not part of ``train all``."""
+    trained on them) stay valid while the sound gets better. Optional; not part of ``train all``.
+
+    A spectral codec trained with independent channel phases gets a linked decoder here
+    (:func:`link_stereo_phase`): that is how the shipped pack's centred sounds stopped coming out wide.
+    """
 
     seed: int = 0
     steps: int = 4000
@@ -123,6 +144,8 @@ class DecoderTrainConfig:
     wave_weight: float = 0.1
     magnitude_weight: float = 0.5  # spectral codec only (see CodecTrainConfig)
     phase_weight: float = 2.0
+    stereo_weight: float = 1.0  # mid/side log-mel L1 (see spectral_loss)
+    stereo_phase: str = "linked"  # spectral codec only: how the fine-tuned decoder phases its channels
     batch_offset: int = 1_000_000  # batches the codec stage never saw
 
 
@@ -163,7 +186,7 @@ def make_codec(config: dict[str, Any]) -> Codec | SpectralCodec:
     """A fresh codec from its config dict: ``kind = "spectral"`` gives a :class:`SpectralCodec`, no ``kind``
     the SEANet :class:`Codec`."""
     if config.get("kind") == "spectral":
-        return SpectralCodec(SpectralCodecConfig(**config))
+        return SpectralCodec(SpectralCodecConfig.from_dict(config))
     return Codec(CodecConfig(**config))
 
 
@@ -326,11 +349,10 @@ class Loop:
 # --------------------------------------------------------------------------- codec
 
 
-def stft_mag(x: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """``x [N, T]`` -> magnitudes ``[N, n_fft // 2 + 1, frames]`` (Hann window, hop n_fft / 4)."""
+def stft(x: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """``x [N, T]`` -> complex spectra ``[N, n_fft // 2 + 1, frames]`` (Hann window, hop n_fft / 4)."""
     window = torch.hann_window(n_fft, device=x.device)
-    spec = torch.stft(x, n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
-    return spec.abs().clamp_min(1e-7)
+    return torch.stft(x, n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
 
 
 @functools.lru_cache(maxsize=32)
@@ -343,7 +365,14 @@ MEL_SCALES: tuple[tuple[int, int], ...] = ((2048, 80), (1024, 64), (512, 40), (2
 """(n_fft, mel bands) of the spectral loss: long windows resolve pitch, short ones transients."""
 
 
-def spectral_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int = data.SAMPLE_RATE) -> torch.Tensor:
+def _log_mel_l1(fb: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """L1 between log10 mel energies (floor 1e-5) of complex spectra ``X``, ``Y [..., bins, frames]``."""
+    ex, ey = fb @ (X.real.square() + X.imag.square()), fb @ (Y.real.square() + Y.imag.square())
+    return (ex.clamp_min(1e-5).log10() - ey.clamp_min(1e-5).log10()).abs().mean()
+
+
+def spectral_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int = data.SAMPLE_RATE,
+                  stereo_weight: float = 0.0) -> torch.Tensor:
     """Multi-resolution spectral loss between reference ``x`` and estimate ``y`` (``[B, C, T]``).
 
     Per scale and channel: L1 between log10 mel energies (floor 1e-5, so
@@ -352,35 +381,49 @@ def spectral_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int = data.SAMP
     compared separately, so a wrong stereo balance costs as much as a wrong
     spectrum. Mel bands put as much weight below 500 Hz as above 4 kHz, which
     is where a young codec's errors (low rumble, missing air) hide.
+
+    Comparing the channels separately leaves the phase between them free: a
+    centred sound decoded with uncorrelated channels sounds wide and diffuse
+    and costs nothing. With two channels and ``stereo_weight``, the log-mel L1
+    of the mid ``(L + R) / 2`` and side ``(L - R) / 2`` signals is added with
+    that weight (taken from the same STFTs, so it is nearly free).
     """
-    xs, ys = x.flatten(0, 1), y.flatten(0, 1)
+    b, c = x.shape[:2]
+    stereo = c == 2 and stereo_weight > 0.0
     total = x.new_zeros(())
     for n_fft, n_mels in MEL_SCALES:
-        mx, my = stft_mag(xs, n_fft), stft_mag(ys, n_fft)
+        X, Y = stft(x.flatten(0, 1), n_fft), stft(y.flatten(0, 1), n_fft)
+        mx, my = X.abs().clamp_min(1e-7), Y.abs().clamp_min(1e-7)
         fb = mel_matrix(n_fft, n_mels, sample_rate).to(x.device)
-        ex, ey = fb @ mx.pow(2), fb @ my.pow(2)
-        total = total + (ex.clamp_min(1e-5).log10() - ey.clamp_min(1e-5).log10()).abs().mean()
+        total = total + _log_mel_l1(fb, X, Y)
         total = total + torch.linalg.vector_norm(mx - my) / torch.linalg.vector_norm(mx).clamp_min(1e-7)
+        if stereo:
+            X, Y = X.unflatten(0, (b, c)), Y.unflatten(0, (b, c))
+            mid_side = [(s[:, 0] + sign * s[:, 1]) * 0.5 for s in (X, Y) for sign in (1.0, -1.0)]
+            total = total + stereo_weight * 0.5 * (_log_mel_l1(fb, mid_side[0], mid_side[2])
+                                                   + _log_mel_l1(fb, mid_side[1], mid_side[3]))
     return total / len(MEL_SCALES)
 
 
 def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor,
-                          wave_weight: float, magnitude_weight: float, phase_weight: float) -> dict[str, torch.Tensor]:
+                          wave_weight: float, magnitude_weight: float, phase_weight: float,
+                          stereo_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """The codec's losses for audio ``x`` decoded as ``y`` (both ``[B, C, T]``) from ``latent``, with their
     weighted sum as ``"total"``.
 
     A spectral codec's first block fades in (it has no frame before it), so its audio losses start one hop
-    in, and it adds the per-bin frame targets of :func:`export.spectral.direct_loss`.
+    in, and it adds the per-bin frame targets of :func:`export.spectral.direct_loss` (the inter-channel
+    phase of linked stereo with ``phase_weight``).
     """
     out: dict[str, torch.Tensor] = {}
     if isinstance(codec, SpectralCodec):
         hop = codec.cfg.hop_length
-        out["magnitude"], out["phase"] = direct_loss(codec.decoder, latent, x)
+        out.update(direct_loss(codec.decoder, latent, x))
         x, y = x[..., hop:], y[..., hop:]
-    out["spectral"] = spectral_loss(x, y, codec.cfg.sample_rate)
+    out["spectral"] = spectral_loss(x, y, codec.cfg.sample_rate, stereo_weight)
     out["wave"] = (x - y).abs().mean()
     out["total"] = (out["spectral"] + wave_weight * out["wave"] + magnitude_weight * out.get("magnitude", 0.0)
-                    + phase_weight * out.get("phase", 0.0))
+                    + phase_weight * (out.get("phase", 0.0) + out.get("ipd", 0.0)))
     return out
 
 
@@ -478,7 +521,7 @@ def train_codec(
     state = None
     if ckpt_path.exists() and not fresh:
         state = load_checkpoint(ckpt_path)
-        cfg = resumed(CodecTrainConfig(**state["config"]), cfg)
+        cfg = resumed(CodecTrainConfig(**saved_config("codec", state["config"])), cfg)
         log.info("resuming the codec from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or CodecTrainConfig()
     torch.manual_seed(cfg.seed)
@@ -517,7 +560,7 @@ def train_codec(
         latent[:] = [z.detach()]
         y = codec.decoder(qo.quantized)[..., : x.shape[-1]]
         losses = reconstruction_losses(codec, x, y, qo.quantized, cfg.wave_weight, cfg.magnitude_weight,
-                                       cfg.phase_weight)
+                                       cfg.phase_weight, cfg.stereo_weight)
         loss = losses.pop("total") + cfg.commit_weight * qo.commit_loss
         return loss, dict(**{k: float(v.detach()) for k, v in losses.items()}, commit=float(qo.commit_loss.detach()))
 
@@ -547,9 +590,27 @@ def load_codec(path: str | Path, decoder: str | Path | None = None) -> tuple[Cod
         if drec.get("codec_digest") != file_digest(Path(path)):
             raise TrainError(f"{decoder} was fine-tuned on another codec than {path}; "
                              "run `cicada train decoder --fresh` for this codec")
+        if isinstance(codec, SpectralCodec):
+            codec.set_stereo_phase(saved_config("decoder", dstate["config"])["stereo_phase"])
         codec.decoder.load_state_dict(dstate["model"])
         record["decoder"] = {k: v for k, v in drec.items() if k != "codec_record"}
     return codec.eval(), record
+
+
+def link_stereo_phase(codec: SpectralCodec, mode: str) -> None:
+    """Switch a trained spectral codec's decoder to stereo phase ``mode`` for fine-tuning.
+
+    Independent -> linked: the left channel's advance head becomes the shared advance and the right's,
+    which would now say the inter-channel phase difference, is zeroed, so the fine-tune starts from
+    centred, fully correlated stereo and learns the width where the corpus has it.
+    """
+    codec.set_stereo_phase(mode)
+    if codec.cfg.linked:
+        n = codec.cfg.bins
+        rows = slice(3 * n, 4 * n)  # head layout [2 (magnitude, phase), C, N]: phase of channel 1
+        with torch.no_grad():
+            codec.decoder.net.out.weight[rows].zero_()
+            codec.decoder.net.out.bias[rows].zero_()
 
 
 def train_decoder(
@@ -573,11 +634,13 @@ def train_decoder(
         state = load_checkpoint(ckpt_path, "decoder")
         if state["record"].get("codec_digest") != digest:
             raise TrainError(f"{ckpt_path} fine-tunes another codec than {codec_checkpoint}; pass --fresh")
-        cfg = resumed(DecoderTrainConfig(**state["config"]), cfg)
+        cfg = resumed(DecoderTrainConfig(**saved_config("decoder", state["config"])), cfg)
         log.info("resuming the decoder from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or DecoderTrainConfig()
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
+    if isinstance(codec, SpectralCodec) and codec.cfg.stereo_phase != cfg.stereo_phase:
+        link_stereo_phase(codec, cfg.stereo_phase)
     codec = codec.to(dev)
     codec.encoder.eval().requires_grad_(False)
     codec.quantizer.eval().requires_grad_(False)
@@ -603,7 +666,8 @@ def train_decoder(
         with torch.no_grad():
             q = codec.quantizer(codec.encoder(x)).quantized
         y = codec.decoder(q)[..., : x.shape[-1]]
-        losses = reconstruction_losses(codec, x, y, q, cfg.wave_weight, cfg.magnitude_weight, cfg.phase_weight)
+        losses = reconstruction_losses(codec, x, y, q, cfg.wave_weight, cfg.magnitude_weight, cfg.phase_weight,
+                                       cfg.stereo_weight)
         return losses.pop("total"), {k: float(v.detach()) for k, v in losses.items()}
 
     loop.run(cfg, opt, list(codec.decoder.parameters()), 10.0, step_fn, checkpoint, quiet)

@@ -140,13 +140,16 @@ def test_cli_eval_json(tiny_pack_dir: Path, tmp_path: Path, small_classifier: ev
     monkeypatch.setattr(ev, "DEFAULT_FIT", {k: cfg[k] for k in ("seed", "clips_per_prompt", "seconds",
                                                                  "sample_rate", "heldout_clips_per_prompt")})
     small_classifier.save(tmp_path / "classifier.npz")
+    preset = tmp_path / "steer.toml"
+    preset.write_text('prompt = "Continuous, soft noise. Alarm like effect"\n[params]\nguidance = 2.5\ntop_k = 40\n')
     rc = main(["eval", "--pack", str(tiny_pack_dir), "--json", "--clips", "1", "--seconds", "0.5",
-               "--out", str(tmp_path)])
+               "--out", str(tmp_path), "--preset", str(preset)])
     out = capsys.readouterr().out
     assert rc == 0
     res = json.loads(out)
     assert 0.0 <= res["text_match_mean"] <= 1.0 and res["mel_distance"] is None and res["si_snr_db"] is None
     assert res["clips_per_prompt"] == 1 and Path(res["confusion_png"]).is_file()
+    assert res["preset"] == str(preset) and res["sampling"]["guidance"] == 2.5 and res["sampling"]["top_k"] == 40
 
 
 def test_pack_reconstructor_hook(tiny_pack_dir: Path) -> None:

@@ -56,9 +56,9 @@ def test_hann_sums_to_one_at_half_overlap() -> None:
 
 
 @pytest.mark.parametrize("frames", [1, 3, 7])
-@pytest.mark.parametrize("channels", [1, 2])
-def test_stream_equals_offline(channels: int, frames: int) -> None:
-    cfg = tiny(channels)
+@pytest.mark.parametrize(("channels", "stereo_phase"), [(1, "linked"), (2, "linked"), (2, "independent")])
+def test_stream_equals_offline(channels: int, stereo_phase: str, frames: int) -> None:
+    cfg = tiny(channels, stereo_phase=stereo_phase)
     codec = random_codec(cfg)
     codes = torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, TOTAL_FRAMES))
     with torch.no_grad():
@@ -109,9 +109,9 @@ def test_encoder_features_match_an_fft() -> None:
     assert torch.allclose(feats[0, :, 2].double(), torch.log(power + 1e-8), atol=1e-3)
 
 
-@pytest.mark.parametrize("frames", [1, 3])
-def test_onnx_equals_torch(tmp_path: Path, frames: int) -> None:
-    cfg = tiny()
+@pytest.mark.parametrize(("frames", "stereo_phase"), [(1, "linked"), (3, "linked"), (3, "independent")])
+def test_onnx_equals_torch(tmp_path: Path, frames: int, stereo_phase: str) -> None:
+    cfg = tiny(stereo_phase=stereo_phase)
     codec = random_codec(cfg, seed=1)
     dec = codec.streaming_decoder(frames)
     session = ort_session(export_graph(dec, dec.example_inputs(), dec.spec, tmp_path / "decoder.onnx"))
@@ -150,10 +150,64 @@ def test_config_checks() -> None:
         tiny(hop=33)
     with pytest.raises(ValueError, match="channels"):
         tiny(channels=3)
+    with pytest.raises(ValueError, match="stereo_phase"):
+        tiny(stereo_phase="mid")
     cfg = tiny()
+    assert cfg.stereo_phase == "linked" and cfg.linked and not tiny(1).linked
     assert SpectralCodecConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         SpectralCodecConfig.from_dict({**cfg.to_dict(), "ratios": [8]})
+    # a config saved before stereo_phase existed decodes the way it was trained
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "stereo_phase"}
+    assert SpectralCodecConfig.from_dict(saved).stereo_phase == "independent"
+
+
+def _centred_decoder(stereo_phase: str) -> SpectralCodec:
+    """A random stereo codec whose right channel's magnitude head copies the left's: a centred sound.
+
+    Its phase heads: the left's advance head plus a small independent perturbation for the right (what two
+    separately predicted advances look like); linked stereo reads the right's head as the inter-channel
+    difference, zeroed here.
+    """
+    cfg = tiny(stereo_phase=stereo_phase)
+    codec = random_codec(cfg, seed=8)
+    n = cfg.bins
+    out = codec.decoder.net.out
+    with torch.no_grad():
+        out.weight[n : 2 * n] = out.weight[:n]
+        out.bias[n : 2 * n] = out.bias[:n]
+        if stereo_phase == "linked":
+            out.weight[3 * n :].zero_()
+            out.bias[3 * n :].zero_()
+        else:
+            out.weight[3 * n :] = out.weight[2 * n : 3 * n] + 0.01 * torch.randn_like(out.weight[3 * n :])
+            out.bias[3 * n :] = out.bias[2 * n : 3 * n]
+    return codec
+
+
+def test_linked_stereo_keeps_a_centred_sound_centred() -> None:
+    """Independently accumulated phases drift apart and decorrelate the channels; linked ones cannot."""
+    codes = torch.randint(0, 16, (1, 2, 200), generator=torch.Generator().manual_seed(9))
+    corr = {}
+    for mode in ("linked", "independent"):
+        with torch.no_grad():
+            y = _centred_decoder(mode).decode(codes)[0, :, 32:]
+        corr[mode] = float((y[0] * y[1]).sum() / (y[0].norm() * y[1].norm()))
+        if mode == "linked":
+            assert max_abs_diff(y[0], y[1]) <= 1e-5
+    assert corr["linked"] > 0.999
+    assert corr["independent"] < 0.9
+
+
+def test_linked_stereo_offsets_split_the_phase_difference() -> None:
+    cfg = tiny(stereo_phase="linked")
+    codec = random_codec(cfg, seed=10)
+    z = torch.randn(1, cfg.dimension, 6)
+    with torch.no_grad():
+        m, adv, offset = codec.decoder.spectrum(z)
+    assert torch.equal(adv[:, 0], adv[:, 1])
+    assert torch.allclose(offset[:, 0], -offset[:, 1])
+    assert float(offset.abs().max()) < torch.pi / 2 + 1e-6 and float(offset.abs().max()) > 1e-3
 
 
 def test_targets_resynthesise_the_audio() -> None:
@@ -179,10 +233,32 @@ def test_direct_loss_is_bounded_and_trains_the_decoder() -> None:
     codec = random_codec(cfg, seed=6)
     audio = torch.randn(1, 1, 12 * cfg.hop) * 0.2
     z = codec.encoder(audio)
-    mag_loss, phase_loss = direct_loss(codec.decoder, z, audio)
-    assert float(mag_loss.detach()) > 0.1 and 0.0 < float(phase_loss.detach()) <= 2.0
-    (mag_loss + phase_loss).backward()
+    losses = direct_loss(codec.decoder, z, audio)
+    assert set(losses) == {"magnitude", "phase"}
+    assert float(losses["magnitude"].detach()) > 0.1 and 0.0 < float(losses["phase"].detach()) <= 2.0
+    (losses["magnitude"] + losses["phase"]).backward()
     assert codec.decoder.net.out.weight.grad is not None
+
+
+def test_direct_loss_of_linked_stereo_learns_the_phase_difference() -> None:
+    """The inter-channel phase term is small when the decoder says the true difference, large otherwise."""
+    cfg = tiny(stereo_phase="linked")
+    codec = random_codec(cfg, seed=11)
+    t = torch.arange(16 * cfg.hop) / cfg.sample_rate
+    tone = torch.sin(2 * torch.pi * 1000.0 * t)
+    centred = torch.stack([tone, tone])[None] * 0.3
+    with torch.no_grad():
+        z = codec.encoder(centred)
+    n = cfg.bins
+    with torch.no_grad():  # say "no difference": right for the centred tone
+        codec.decoder.net.out.weight[3 * n :].zero_()
+        codec.decoder.net.out.bias[3 * n :].zero_()
+    quadrature = torch.stack([tone, torch.cos(2 * torch.pi * 1000.0 * t)])[None] * 0.3  # 90 degrees apart
+    with torch.no_grad():
+        right = float(direct_loss(codec.decoder, z, centred)["ipd"])
+        wrong = float(direct_loss(codec.decoder, z, quadrature)["ipd"])
+    assert right < 1e-6
+    assert 0.9 < wrong < 1.1  # 1 - cos(pi / 2)
 
 
 def test_float16_storage_keeps_the_graph_and_halves_the_file(tmp_path: Path) -> None:

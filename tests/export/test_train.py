@@ -78,6 +78,24 @@ def test_same_seed_same_codec(tmp_path: Path) -> None:
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_stereo_weight_makes_decorrelated_channels_cost() -> None:
+    """Per-channel spectra cannot tell a centred sound from two uncorrelated ones; mid/side can."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 1, 8000, generator=g), torch.randn(1, 1, 8000, generator=g)
+    centred, wide = torch.cat([a, a], 1) * 0.2, torch.cat([a, b], 1) * 0.2
+    plain = float(train.spectral_loss(centred, wide))
+    stereo = float(train.spectral_loss(centred, wide, stereo_weight=1.0))
+    assert float(train.spectral_loss(centred, centred, stereo_weight=1.0)) < 1e-4
+    assert stereo - plain > 1.0  # the side signal is ~80 dB (the floor) louder than the centred sound's
+    assert float(train.spectral_loss(centred[:, :1], wide[:, :1], stereo_weight=1.0)) < 1e-4  # mono: no effect
+
+
+def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
+    assert train.saved_config("decoder", {"steps": 5})["stereo_phase"] == "independent"
+    assert train.saved_config("decoder", {"stereo_phase": "linked"})["stereo_phase"] == "linked"
+    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5}
+
+
 def test_spectral_loss_is_zero_for_equal_audio_and_grows_with_error() -> None:
     x = torch.randn(2, 2, 4000) * 0.1
     assert float(train.spectral_loss(x, x)) < 1e-4
@@ -223,7 +241,7 @@ def test_decoder_fine_tuning_keeps_the_tokens_and_packs(runs: Path, tmp_path: Pa
     codec_ckpt = runs / "codec" / train.CHECKPOINT
     cfg = train.DecoderTrainConfig(steps=3, batch=2, segment=0.1, warmup=1)
     rec = train.train_decoder(tmp_path / "dec", cfg, codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
-    assert rec["step"] == 3 and set(rec["losses"]) == {"magnitude", "phase", "spectral", "wave"}
+    assert rec["step"] == 3 and set(rec["losses"]) == {"magnitude", "phase", "ipd", "spectral", "wave"}
     base, _ = train.load_codec(codec_ckpt)
     tuned, record = train.load_codec(codec_ckpt, tmp_path / "dec" / train.CHECKPOINT)
     assert record["decoder"]["step"] == 3
@@ -241,3 +259,45 @@ def test_decoder_fine_tuning_keeps_the_tokens_and_packs(runs: Path, tmp_path: Pa
     train.train_codec(other, tiny_codec_cfg(1), device="cpu", quiet=True)
     with pytest.raises(train.TrainError, match="another codec"):
         train.load_codec(other / train.CHECKPOINT, tmp_path / "dec" / train.CHECKPOINT)
+
+
+def test_a_codec_can_train_linked_from_the_start(tmp_path: Path) -> None:
+    cfg = tiny_codec_cfg(1)
+    cfg.codec["stereo_phase"], cfg.stereo_weight = "linked", 1.0
+    rec = train.train_codec(tmp_path, cfg, device="cpu", quiet=True)
+    assert "ipd" in rec["losses"]
+    codec, _ = train.load_codec(tmp_path / train.CHECKPOINT)
+    assert codec.cfg.linked
+
+
+def test_a_decoder_fine_tune_links_an_independent_codecs_stereo_phase(tmp_path: Path) -> None:
+    """A codec trained with independently accumulated channel phases gets a linked decoder: it starts out
+    centred (no inter-channel difference), keeps its tokens, and a pack of it decodes linked."""
+    cfg = tiny_codec_cfg(2)
+    assert cfg.codec["stereo_phase"] == "independent"  # the shipped codec's recipe
+    train.train_codec(tmp_path / "codec", cfg, device="cpu", quiet=True)
+    codec_ckpt = tmp_path / "codec" / train.CHECKPOINT
+    base, _ = train.load_codec(codec_ckpt)
+    assert base.cfg.stereo_phase == "independent"
+    start, _ = train.load_codec(codec_ckpt)
+    train.link_stereo_phase(start, "linked")
+    with torch.no_grad():
+        _, adv, offset = start.decoder.spectrum(torch.randn(1, start.cfg.dimension, 5))
+    assert torch.equal(offset, torch.zeros_like(offset)) and torch.equal(adv[:, 0], adv[:, 1])
+    rec = train.train_decoder(tmp_path / "dec", train.DecoderTrainConfig(steps=2, batch=2, segment=0.1, warmup=1),
+                              codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
+    assert rec["config"]["stereo_phase"] == "linked" and "ipd" in rec["losses"]
+    tuned, _ = train.load_codec(codec_ckpt, tmp_path / "dec" / train.CHECKPOINT)
+    assert tuned.cfg.stereo_phase == "linked" and tuned.decoder.cfg.linked
+    x = torch.randn(1, 2, 640 * 6) * 0.1
+    with torch.no_grad():
+        assert torch.equal(base.encode(x), tuned.encode(x))
+        y = tuned.decode(base.encode(x))
+        graph = tuned.streaming_decoder(1)
+        state = graph.initial_state()
+        codes = base.encode(x)
+        streamed = []
+        for t in range(codes.shape[-1]):
+            pcm, *state = graph(codes[..., t : t + 1], *state)
+            streamed.append(pcm)
+    assert float((torch.cat(streamed, -1) - y).abs().max()) <= 1e-5
