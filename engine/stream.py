@@ -116,17 +116,23 @@ class Resampler:
     """Streaming sample-rate conversion ``[N, C]`` with soxr; identity when rates match."""
 
     def __init__(self, in_rate: int, out_rate: int, channels: int) -> None:
-        self.in_rate, self.out_rate = in_rate, out_rate
+        self.in_rate, self.out_rate, self.channels = in_rate, out_rate, channels
         self._rs = None
-        if in_rate != out_rate:
-            import soxr
-
-            self._rs = soxr.ResampleStream(in_rate, out_rate, channels, dtype="float32", quality="HQ")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self._rs is None:
+        if self.in_rate == self.out_rate:
             return x
+        if self._rs is None:
+            import soxr
+
+            self._rs = soxr.ResampleStream(self.in_rate, self.out_rate, self.channels, dtype="float32",
+                                           quality="HQ")
         return self._rs.resample_chunk(np.ascontiguousarray(x))
+
+    def release(self) -> None:
+        """Free the soxr state (the next call starts a fresh one). Without this, a stream still referenced
+        at interpreter exit made nanobind print a "leaked instance" report on every `cicada serve` exit."""
+        self._rs = None
 
 
 class Stream:
@@ -264,6 +270,8 @@ class Stream:
             self._q.put_nowait(None)  # wake the decode worker
         for t in self._threads:
             t.join(timeout=5.0)
+        if not any(t.is_alive() for t in self._threads):
+            self.resampler.release()  # only the workers use it
         self._threads = []
         self._consumed = self._produced  # blocks dropped from the queue are no longer in flight
 
