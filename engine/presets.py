@@ -12,7 +12,7 @@
     morph = 0.0              # 0..1, prompt -> prompt_b
     temperature = 1.0
     top_k = 250
-    guidance = 3.0
+    guidance = 1.5
     gain_db = -6.0
     slot_1 = "Continuous, soft noise. Alarm like effect"
 
