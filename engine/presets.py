@@ -10,7 +10,7 @@
 
     [params]                 # any parameter of the registry (engine/params.py), by name
     morph = 0.0              # 0..1, prompt -> prompt_b
-    temperature = 1.0
+    temperature = 0.9
     top_k = 250
     guidance = 1.5
     gain_db = -6.0
