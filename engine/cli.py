@@ -446,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=root / "lm", help="run folder (default out/train/lm)")
     p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
     p.add_argument("--context", type=_positive(int), default=None, help="ring-cache frames of the pack (default 150)")
+    p.add_argument("--corpus-clips", type=_positive(int), default=None,
+                   help="corpus clips per prompt, encoded once and cached (default: the stage's)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("decoder", parents=[run],
                        help="optional: fine-tune the codec's decoder on its frozen tokens (the LM stays valid)")

@@ -952,7 +952,7 @@ def run_cli(args: Any) -> int:
     if args.stage in ("lm", "all"):
         out = args.runs / "lm" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
-        cfg = _overrides(LMTrainConfig(), args, (*common, "context"))
+        cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips"))
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         print(f"lm: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")

@@ -224,6 +224,12 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "codec: step 1" in out and (tmp_path / "c" / train.CHECKPOINT).exists()
     codec, record = train.load_codec(tmp_path / "c" / train.CHECKPOINT)
     assert type(codec).__name__ == "SpectralCodec" and record["config"]["segment"] == 0.8  # the default kind
+    assert main(["train", "lm", "--codec", str(tmp_path / "c" / train.CHECKPOINT), "--corpus-clips", "2",
+                 "--steps", "1", "--batch", "1", "--threads", "1", "--out", str(tmp_path / "lm")]) == 0
+    assert "lm: step 1" in capsys.readouterr().out
+    record = torch.load(tmp_path / "lm" / train.CHECKPOINT, weights_only=False)["record"]
+    assert record["config"]["corpus_clips"] == 2 and record["corpus"]["clips"] == 2 * 22
+    assert len(list((tmp_path / "lm").glob("corpus-*-0-2x8s.npz"))) == 1
     assert main(["train", "codec", "--kind", "seanet", "--steps", "1", "--batch", "1", "--threads", "1",
                  "--out", str(tmp_path / "s")]) == 0
     assert "codec: step 1" in capsys.readouterr().out
