@@ -18,10 +18,11 @@ settings change mid-stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from engine.post import njit
+_kernel = None  # _draw compiled by numba, made on first use (see _draw_kernel)
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,25 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         return np.argmax(logits, axis=-1).astype(np.int64)
     top_k = vocab if params.top_k <= 0 else min(params.top_k, vocab)
     out = np.empty(k_books, np.int64)
-    _draw(np.ascontiguousarray(logits, np.float32), u, float(params.temperature), top_k, float(params.top_p), out)
+    draw = _kernel or _draw_kernel()
+    draw(np.ascontiguousarray(logits, np.float32), u, float(params.temperature), top_k, float(params.top_p), out)
     return out
 
 
-@njit(cache=True, nogil=True)
+def _draw_kernel() -> Any:
+    """:func:`_draw` compiled by numba (or loaded from its disk cache).
+
+    Made on first use, not at import: importing numba takes about 0.4 s, and `cicada play` imports this
+    module before it starts the audio process, whose start-up it would otherwise delay.
+    """
+    global _kernel
+    if _kernel is None:
+        from engine.post import njit
+
+        _kernel = njit(cache=True, nogil=True)(_draw)
+    return _kernel
+
+
 def _draw(logits: np.ndarray, u: np.ndarray, temperature: float, top_k: int, top_p: float, out: np.ndarray) -> None:
     """Per codebook: the ``top_k`` best logits in descending order (ties: lower index first), softmax at
     ``temperature``, the nucleus cut at ``top_p`` (0 or 1 = off), then the token where the CDF passes ``u``."""

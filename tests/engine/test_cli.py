@@ -119,6 +119,17 @@ def test_help_lists_the_commands() -> None:
         assert cmd in r.stdout
 
 
+def test_play_reaches_the_audio_process_start_without_numba_or_onnxruntime() -> None:
+    """`play` starts the audio process before it loads the DSP and the pack's sessions (in a thread, while
+    that process starts): importing what comes before must not pull in numba (about 0.5 s) or ONNX Runtime."""
+    code = ("import sys, engine.cli, engine.app, engine.audio; "
+            "print(sorted(m for m in ('numba', 'onnxruntime', 'torch') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_presets_lists_shipped_and_saved_with_program_numbers(private_user_presets: Path) -> None:
     from engine import presets
 
