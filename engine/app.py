@@ -241,7 +241,9 @@ class Watchdog:
             self.notify("WATCHDOG=1")
 
 
-def status_line(stream: Stream) -> str:
+def status_line(stream: Stream, steal: float | None = None) -> str:
+    """One line for the log: step costs, pacing, the sink's counters, safety, memory and (on a virtual
+    machine) the CPU time the host took away (``steal``, percent; see :class:`engine.stream.StealMeter`)."""
     from engine.stream import rss_mb
 
     s = stream.stats()
@@ -255,6 +257,7 @@ def status_line(stream: Stream) -> str:
         f"gap max {w['write_gap_ms_max']:.0f} ms  queue min {queue} ms  "
         f"underruns {s.get('sink_underruns', 0)}  outages {s.get('sink_outages', 0)}  "
         f"nan {s['nonfinite_blocks']}  limiter {s['gain_reduction_db']:.1f} dB  rss {rss_mb():.0f} MB"
+        + ("" if steal is None else f"  steal {steal:.1f}%")
     )
 
 
@@ -342,6 +345,9 @@ def run_live(
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     wd = Watchdog()
+    from engine.stream import StealMeter
+
+    steal = StealMeter()
     stream.start()
     wd.notify("READY=1")
     next_status = time.monotonic() + status_every
@@ -362,7 +368,7 @@ def run_live(
                 last_steps = gen.steps
             now = time.monotonic()
             if now >= next_status:
-                line = status_line(stream)
+                line = status_line(stream, steal.take())
                 wd.notify("STATUS=" + line)
                 (on_status or log.info)(line)
                 next_status = now + status_every

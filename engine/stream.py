@@ -60,6 +60,39 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class StealMeter:
+    """Share of CPU time the hypervisor gave to other guests ("steal", Linux /proc/stat) since the last call.
+
+    On a virtual machine, a vCPU the host takes away stalls whatever runs on it, the engine's producer
+    included, while the audio process on another vCPU keeps playing: an underrun the engine cannot prevent.
+    The status line reports this figure so that such underruns can be told from the engine's own.
+    """
+
+    def __init__(self, path: str = "/proc/stat") -> None:
+        self.path = path
+        self._last = self._read()
+
+    def _read(self) -> tuple[int, int] | None:
+        """(steal, total) jiffies over all CPUs, or None where /proc/stat is missing or unreadable."""
+        try:
+            with open(self.path, encoding="ascii") as f:
+                fields = f.readline().split()
+            if fields[0] != "cpu" or len(fields) < 9:
+                return None
+            ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+            return ticks[7], sum(ticks)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def take(self) -> float | None:
+        """Percent of all CPU time stolen since the last call (or since construction); None if unknown."""
+        now, last = self._read(), self._last
+        self._last = now
+        if now is None or last is None or now[1] <= last[1]:
+            return None
+        return 100.0 * (now[0] - last[0]) / (now[1] - last[1])
+
+
 def raise_priority(increment: int) -> bool:
     """Lower this thread's nice value by ``increment`` (Linux: per thread) where allowed; say if it worked.
 
