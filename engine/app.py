@@ -86,11 +86,13 @@ def pack_path(given: Path | None) -> Path:
     )
 
 
-def initial_registry(opts: RunOptions) -> tuple[Registry, presets.Preset | None]:
-    """The parameter registry at start: defaults, then the preset, then --prompt / --seed / --latency / --ceiling."""
+def initial_registry(opts: RunOptions, pack: packfmt.Pack | None = None
+                     ) -> tuple[Registry, presets.Preset | None]:
+    """The parameter registry at start: defaults, then the pack's own sampling (``[sampling]``), then the
+    preset, then --prompt / --seed / --latency / --ceiling."""
     reg = Registry()
     pre = None
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(pack.sampling) if pack is not None else {}
     if opts.preset:
         try:
             pre = presets.load(opts.preset)
@@ -112,9 +114,11 @@ def initial_registry(opts: RunOptions) -> tuple[Registry, presets.Preset | None]
     return reg, pre
 
 
-def initial_params(opts: RunOptions, reg: Registry | None = None) -> tuple[GenParams, int, float]:
-    """(params, seed, gain_db) from the registry at start (:func:`initial_registry`, built here if not given)."""
-    s = (reg or initial_registry(opts)[0]).snapshot()
+def initial_params(opts: RunOptions, reg: Registry | None = None, pack: packfmt.Pack | None = None
+                   ) -> tuple[GenParams, int, float]:
+    """(params, seed, gain_db) from the registry at start (:func:`initial_registry` for ``pack``, built here
+    if not given)."""
+    s = (reg or initial_registry(opts, pack)[0]).snapshot()
     return GenParams.from_values(s.values), int(s["seed"]), float(s["gain_db"])
 
 
@@ -152,7 +156,7 @@ def render(opts: RunOptions, seconds: float, out: Path, progress: Callable[[int,
 
     # Check the preset and the destination before the (slower) model load: a typo fails at once.
     pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
-    params, seed, gain_db = initial_params(opts)
+    params, seed, gain_db = initial_params(opts, pack=pack)
     rate = opts.rate or pack.audio.sample_rate
     sink = FileSink(out, rate, pack.audio.channels)
     try:
@@ -274,7 +278,7 @@ def run_live(
     from engine.control.controller import Controller
 
     pack = packfmt.load(pack_path(opts.pack), check_graphs=False)
-    registry, preset = initial_registry(opts)
+    registry, preset = initial_registry(opts, pack)
     params, seed, gain_db = initial_params(opts, registry)
     gen_box: dict[str, Generator] = {}
     # Load the pack while the audio process starts: both take a moment.

@@ -102,6 +102,12 @@ class Pack:
     prompts: tuple[str, ...]
     info: dict[str, Any]  # free-form [source] / [training] records
     encoder: GraphInfo | None = None  # optional whole-clip encoder (eval, audio prompts)
+    sampling: dict[str, float | int] = field(default_factory=dict)
+    """The pack's own sampling settings (``[sampling]``: temperature, top_k, top_p, guidance; any subset).
+
+    What the pack was measured with, or what its source recommends (MusicGen's generation config).
+    They replace the registry's defaults for this pack; a preset or the command line still overrides them.
+    """
 
     @property
     def decoder_latency_ms(self) -> float:
@@ -206,9 +212,16 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, bool]]] = {
     "prompts": {"known": (_is_str_list, True)},
     # Optional: audio [1, C, T] -> codes [1, K, F], T dynamic (-1 in the manifest).
     "encoder": {**{k: (c, True) for k, c in _GRAPH_KEYS.items()}},
+    # Optional: the sampling this pack is meant to be played with (see Pack.sampling).
+    "sampling": {
+        "temperature": (_is_num, False),
+        "top_k": (_is_int, False),
+        "top_p": (_is_num, False),
+        "guidance": (_is_num, False),
+    },
 }
 # Tables a pack may leave out.
-_OPTIONAL_TABLES = ("encoder",)
+_OPTIONAL_TABLES = ("encoder", "sampling")
 # Free-form record tables: any keys allowed.
 _FREE_TABLES = ("source", "training")
 _TYPE_WORDS = {
@@ -506,7 +519,7 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
         )
 
     graphs: dict[str, GraphInfo] = {}
-    for section in ("decoder", "lm", "conditioner", *(t for t in _OPTIONAL_TABLES if t in doc)):
+    for section in ("decoder", "lm", "conditioner", *(t for t in _OPTIONAL_TABLES if t in doc and t != "sampling")):
         s = doc[section]
         g = GraphInfo(
             section=section,
@@ -536,6 +549,7 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
         prompts=tuple(doc["prompts"]["known"]),
         info={k: doc[k] for k in _FREE_TABLES if k in doc},
         encoder=graphs.get("encoder"),
+        sampling=_sampling(doc.get("sampling", {}), problems),
     )
     _check_consistency(pack, problems)
     if not tokenizer.is_file():
@@ -552,6 +566,26 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
             _check_graph_file(g, problems)
     problems.raise_if_any()
     return pack
+
+
+def _sampling(table: dict[str, Any], problems: _Problems) -> dict[str, float | int]:
+    """``[sampling]`` checked against the parameter registry's ranges (types are checked by the schema)."""
+    from engine.params import PARAMS
+
+    ranges = {p.name: p for p in PARAMS}
+    out: dict[str, float | int] = {}
+    for key, value in table.items():
+        param = ranges[key]
+        try:
+            v, warning = param.coerce(value)
+        except Exception as exc:  # ParamError: wrong kind (already reported by the schema)
+            problems.add(f"{MANIFEST}: sampling.{key}: {exc}")
+            continue
+        if warning is not None:
+            problems.add(f"{MANIFEST}: sampling.{key} = {value!r} is out of range {param.describe_range()}")
+            continue
+        out[key] = v
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -776,7 +776,7 @@ class ClipRenderer:
 
         self.opts = RunOptions(pack=Path(pack_dir), preset=preset, compute=compute, ceiling_db=ceiling_db)
         self.pack = packfmt.load(pack_path(self.opts.pack), check_graphs=False)
-        params, seed, self.gain_db = initial_params(self.opts)
+        params, seed, self.gain_db = initial_params(self.opts, pack=self.pack)
         self.base_params = params
         self.gen = open_generator(self.opts, self.pack, params, seed)
         self.sample_rate = self.gen.sample_rate

@@ -77,6 +77,46 @@ def _tokenizer_json(model_dir: Path, explicit: Path | None, dest: Path) -> Path:
     )
 
 
+def recommended_sampling(model_dir: Path) -> dict[str, float | int]:
+    """The checkpoint's own sampling settings (``generation_config.json``) as a pack's ``[sampling]``.
+
+    ``guidance_scale`` -> guidance, ``temperature``, ``top_k``, and ``top_p`` where it filters (HF's 1.0 is off,
+    cicada's 0); ``do_sample = false`` -> temperature 0 (greedy). A value outside cicada's range is left out
+    (with a warning), and so is the whole table without the file: the engine's defaults are MusicGen's.
+    """
+    from engine.params import PARAMS
+
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        gen = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s: not readable (%s); the pack gets the engine's default sampling", path, exc)
+        return {}
+    wanted: dict[str, float | int] = {}
+    if isinstance(gen.get("guidance_scale"), (int, float)):
+        wanted["guidance"] = float(gen["guidance_scale"])
+    if gen.get("do_sample") is False:
+        wanted["temperature"] = 0.0
+    elif isinstance(gen.get("temperature"), (int, float)):
+        wanted["temperature"] = float(gen["temperature"])
+    if isinstance(gen.get("top_k"), int):
+        wanted["top_k"] = int(gen["top_k"])
+    if isinstance(gen.get("top_p"), (int, float)) and 0.0 < gen["top_p"] < 1.0:
+        wanted["top_p"] = float(gen["top_p"])
+    ranges = {p.name: p for p in PARAMS}
+    out: dict[str, float | int] = {}
+    for key, value in wanted.items():
+        v, warning = ranges[key].coerce(value)
+        if warning is not None:
+            log.warning("%s: %s = %r is outside cicada's range %s; left out", path, key, value,
+                        ranges[key].describe_range())
+            continue
+        out[key] = v
+    return out
+
+
 def convert(
     model_dir: str | Path,
     out: str | Path,
@@ -131,5 +171,6 @@ def convert(
                 "model": str(model_dir.resolve()),
                 "transformers_version": __import__("transformers").__version__,
             },
+            sampling=recommended_sampling(model_dir),
             overwrite=overwrite,
         )

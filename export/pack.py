@@ -45,6 +45,7 @@ class PackSpec:
     quantize: str = "none"  # "none" | "int8"
     source: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, float | int] = field(default_factory=dict)  # the manifest's [sampling] (engine.pack.Pack)
 
 
 def _tensor_table(spec: GraphSpec) -> dict[str, list[dict]]:
@@ -154,6 +155,8 @@ def build_pack(
         }
         if encoder is not None:
             doc["encoder"] = {"file": "encoder.onnx", **_tensor_table(encoder.spec)}
+        if spec.sampling:
+            doc["sampling"] = dict(spec.sampling)
         if spec.source:
             doc["source"] = spec.source
         if spec.training:
@@ -202,6 +205,7 @@ def pack_models(
     quantize: str = "none",
     source: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    sampling: dict[str, float | int] | None = None,
     encoder: nn.Module | None = None,
     encoder_seconds: float = 10.0,
     overwrite: bool = False,
@@ -233,6 +237,7 @@ def pack_models(
         quantize=quantize,
         source=source or {},
         training=training or {},
+        sampling=sampling or {},
     )
     with torch.no_grad():
         return build_pack(

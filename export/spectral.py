@@ -85,6 +85,7 @@ class SpectralCodecConfig:
     n_codebooks: int = 4
     codebook_size: int = 1024
     stereo_phase: str = "linked"  # configs saved before it existed mean "independent" (see from_dict)
+    stereo_features: bool = False  # stereo encoder also sees each bin's inter-channel phase (see SpectralEncoder)
 
     def __post_init__(self) -> None:
         if self.kind != "spectral":
@@ -120,19 +121,25 @@ class SpectralCodecConfig:
         return dataclasses.asdict(self)
 
     @property
+    def encoder_inputs(self) -> int:
+        """Feature rows per frame the encoder sees: each channel's log power, and with ``stereo_features``
+        the cosine and sine of each bin's inter-channel phase difference."""
+        return (self.channels + (2 if self.stereo_features and self.channels == 2 else 0)) * self.bins
+
+    @property
     def linked(self) -> bool:
         """Whether the decoder's two channels share one accumulated phase (``stereo_phase = "linked"``)."""
         return self.channels == 2 and self.stereo_phase == "linked"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpectralCodecConfig:
-        """The config saved as ``d``; one saved before ``stereo_phase`` existed decodes as it was trained
-        (``"independent"``)."""
+        """The config saved as ``d``; one saved before ``stereo_phase`` or ``stereo_features`` existed loads as
+        it was trained (``"independent"``, no inter-channel features)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown SpectralCodecConfig fields: {sorted(unknown)}")
-        return cls(**{"stereo_phase": "independent", **d})
+        return cls(**{"stereo_phase": "independent", "stereo_features": False, **d})
 
 
 def hann(n: int) -> torch.Tensor:
@@ -185,7 +192,14 @@ class FrameNet(nn.Module):
 
 
 class SpectralEncoder(nn.Module):
-    """``audio [B, C, T] -> z [B, D, T // hop]`` (causal)."""
+    """``audio [B, C, T] -> z [B, D, T // hop]`` (causal).
+
+    Its input is each channel's log power per bin. Power alone cannot tell a centred sound from one that is
+    wide or decorrelated, so with ``stereo_features`` a stereo encoder also sees, per bin, the cosine and
+    sine of the inter-channel phase difference (``L R* / (|L| |R|)``): 1 and 0 for a centred bin, values
+    that wander from frame to frame for a diffuse one. The linked decoder (see "Stereo" above) says that
+    difference; these rows let the tokens carry it.
+    """
 
     def __init__(self, cfg: SpectralCodecConfig) -> None:
         super().__init__()
@@ -194,10 +208,12 @@ class SpectralEncoder(nn.Module):
         ang = 2.0 * math.pi * torch.arange(cfg.bins, dtype=torch.float64)[:, None] * torch.arange(n)[None] / n
         basis = torch.cat([torch.cos(ang), -torch.sin(ang)]) * hann(n)[None]  # [2N, n_fft]
         self.register_buffer("analysis", basis.float()[:, None], persistent=False)
-        self.net = FrameNet(cfg.channels * cfg.bins, cfg.hidden, cfg.dimension, cfg.encoder_blocks, cfg.kernel_size)
+        self.net = FrameNet(cfg.encoder_inputs, cfg.hidden, cfg.dimension, cfg.encoder_blocks, cfg.kernel_size)
 
     def features(self, audio: torch.Tensor) -> torch.Tensor:
-        """Log power of causal frames, ``[B, C * N, F]``; frame ``t`` ends at sample ``(t + 1) * hop``.
+        """Encoder input of causal frames, ``[B, cfg.encoder_inputs, F]``; frame ``t`` ends at sample
+        ``(t + 1) * hop``: each channel's log power times 0.1 (``C * N`` rows), then with ``stereo_features``
+        the cosine and sine of each bin's inter-channel phase difference (``2 * N`` rows).
 
         The windowed DFT is a strided convolution with a fixed basis, so the exported encoder needs no
         FFT operator.
@@ -207,11 +223,20 @@ class SpectralEncoder(nn.Module):
         frames = t // cfg.hop
         x = F.pad(audio[..., : frames * cfg.hop], (cfg.n_fft - cfg.hop, 0)).reshape(b * c, 1, -1)
         spec = F.conv1d(x, self.analysis, stride=cfg.hop)  # [B*C, 2N, F]: real parts, then imaginary
-        power = spec[:, : cfg.bins].pow(2) + spec[:, cfg.bins :].pow(2)
-        return torch.log(power + LOG_POWER_FLOOR).reshape(b, c * cfg.bins, frames)
+        re, im = spec[:, : cfg.bins], spec[:, cfg.bins :]
+        power = re.pow(2) + im.pow(2)
+        logp = torch.log(power + LOG_POWER_FLOOR).reshape(b, c * cfg.bins, frames) * 0.1
+        if cfg.encoder_inputs == logp.shape[1]:
+            return logp
+        re, im, power = (v.reshape(b, c, cfg.bins, frames) for v in (re, im, power))
+        # L R*: its angle is the inter-channel phase difference; divided by |L| |R| (floored) it is unit length
+        cross_re = re[:, 0] * re[:, 1] + im[:, 0] * im[:, 1]
+        cross_im = im[:, 0] * re[:, 1] - re[:, 0] * im[:, 1]
+        norm = torch.sqrt(power[:, 0] * power[:, 1] + LOG_POWER_FLOOR)
+        return torch.cat([logp, cross_re / norm, cross_im / norm], dim=1)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        return self.net(self.features(audio) * 0.1)
+        return self.net(self.features(audio))
 
 
 class SpectralDecoder(nn.Module):

@@ -859,6 +859,11 @@ def load_lm(path: str | Path) -> tuple[LM, TextEncoder, WordTokenizer, dict[str,
 # --------------------------------------------------------------------------- pack
 
 
+PACK_SAMPLING: dict[str, float | int] = {"temperature": 0.9, "top_k": 250, "guidance": 1.5}
+"""The ``[sampling]`` of a pack this recipe trains: the best text-sound match measured for the default
+pack (docs/training.md, "Measured": guidance 3 made its clips rumbles and glitches, 1.5-2 the prompts)."""
+
+
 def export_pack(
     out: str | Path = "packs/default",
     *,
@@ -911,6 +916,7 @@ def export_pack(
             quantize=quantize,
             source={"kind": "trained", "corpus": "export.data", "commit": git_commit() or "unknown"},
             training=training,
+            sampling=dict(PACK_SAMPLING),
             overwrite=overwrite,
             encoder=codec,
             float16=float16,

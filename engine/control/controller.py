@@ -324,13 +324,16 @@ class Controller:
         """Load a preset by name or path: all its values at once, or nothing (PresetError).
 
         The sound is the preset's: prompt and sampling values it leaves out go back to their
-        defaults; output and engine values (gain, latency, tempo...) stay unless it sets them.
+        defaults (the pack's own sampling where its manifest has ``[sampling]``); output and engine values
+        (gain, latency, tempo...) stay unless it sets them.
         """
         from engine import presets
 
         pre = presets.load(name, self.presets_dir)
         values: dict[str, Any] = {p.name: p.default for p in self.registry if p.group in ("prompt", "sampling")
                                   and p.name != "seed"}
+        pack = getattr(self.gen, "pack", None)
+        values.update(getattr(pack, "sampling", None) or {})
         values.update(pre.values)
         self.registry.update(values, source or "preset")
         self.preset_name = pre.name

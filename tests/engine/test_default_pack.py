@@ -34,6 +34,7 @@ def test_it_ships_small_with_its_training_record(pack: packfmt.Pack) -> None:
         assert rec["config"]["seed"] == 0 and rec["step"] > 0
     assert pack.encoder is not None and len(pack.prompts) == 22
     assert pack.audio.sample_rate == 32000 and pack.audio.channels == 2
+    assert pack.sampling == {"temperature": 0.9, "top_k": 250, "guidance": 1.5}  # what its eval measured
 
 
 def pooled(c) -> np.ndarray:

@@ -182,3 +182,29 @@ def test_cli_info_refuses_without_traceback(pack_copy: Path, capsys: pytest.Capt
 def test_cli_info_ok(tiny_pack_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["info", str(tiny_pack_dir)]) == 0
     assert "every graph matches the manifest" in capsys.readouterr().out
+
+
+def test_pack_sampling_is_optional_checked_and_played_with(pack_copy: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[sampling]`` replaces the registry's defaults for this pack; a preset's own values still win; a value
+    out of range or a misspelt key is refused with the key named."""
+    from engine.app import RunOptions, initial_registry
+
+    assert packfmt.load(pack_copy).sampling == {}  # a pack without the table: the registry's defaults
+    _edit_manifest(pack_copy, lambda doc: doc.update(sampling={"temperature": 0.7, "guidance": 2}))
+    pack = packfmt.load(pack_copy)
+    assert pack.sampling == {"temperature": 0.7, "guidance": 2.0}
+
+    plain = tmp_path / "plain.toml"
+    plain.write_text('name = "plain"\nprompt = "hum"\n')
+    reg, _ = initial_registry(RunOptions(pack=pack_copy, preset=str(plain)), pack)
+    assert reg.get("temperature") == 0.7 and reg.get("guidance") == 2.0 and reg.get("top_k") == 250
+    own = tmp_path / "own.toml"
+    own.write_text('name = "own"\nprompt = "hum"\n[params]\ntemperature = 1.2\n')
+    reg, _ = initial_registry(RunOptions(pack=pack_copy, preset=str(own)), pack)
+    assert reg.get("temperature") == 1.2 and reg.get("guidance") == 2.0
+
+    _edit_manifest(pack_copy, lambda doc: doc["sampling"].update(temperature=9.0))
+    _refused(pack_copy, r"sampling\.temperature = 9\.0 is out of range")
+    _edit_manifest(pack_copy, lambda doc: doc.update(sampling={"temprature": 0.5}))
+    _refused(pack_copy, r"unknown key 'sampling\.temprature'")

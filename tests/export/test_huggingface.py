@@ -30,6 +30,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory):
     model = tiny_musicgen(24, use_causal_conv=False, pad_mode="reflect", use_conv_shortcut=False,
                           target_bandwidths=[120.0])
     assert model.audio_encoder.config.num_quantizers == K
+    # MusicGen's published sampling (the checkpoints' generation_config.json); the pack's [sampling] keeps it
+    model.generation_config.update(do_sample=True, guidance_scale=3.0, top_k=250)
     model.save_pretrained(root / "model")
     tok = WordTokenizer.build(PROMPTS, length=8)
     tok.save(root / "model" / "tokenizer.json")
@@ -48,6 +50,22 @@ def test_manifest_describes_model(converted) -> None:
     assert pack.audio.sample_rate == model.audio_encoder.config.sampling_rate
     assert pack.decoder["lookahead_samples"] > 0 and not pack.decoder["causal"]
     assert pack.info["source"]["kind"] == "huggingface-musicgen"
+    assert pack.sampling["guidance"] == 3.0 and pack.sampling["top_k"] == 250
+
+
+def test_recommended_sampling_maps_generation_config(tmp_path: Path) -> None:
+    import json
+
+    from export.huggingface import recommended_sampling
+
+    assert recommended_sampling(tmp_path) == {}  # no generation_config.json: the engine's defaults
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": False, "guidance_scale": 3.5, "top_k": 50, "top_p": 1.0, "temperature": 0.7}))
+    assert recommended_sampling(tmp_path) == {"guidance": 3.5, "temperature": 0.0, "top_k": 50}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"guidance_scale": 1e6, "top_p": 0.9}))
+    assert recommended_sampling(tmp_path) == {"top_p": 0.9}  # out of cicada's range: left out
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert recommended_sampling(tmp_path) == {}
 
 
 def test_streaming_decode_matches_encodec(converted) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +109,33 @@ def test_encoder_features_match_an_fft() -> None:
     padded = torch.nn.functional.pad(x, (cfg.n_fft - cfg.hop, 0))[0, 0]
     frame = padded[2 * cfg.hop : 2 * cfg.hop + cfg.n_fft].double() * hann(cfg.n_fft)
     power = torch.fft.rfft(frame).abs().pow(2)
-    assert torch.allclose(feats[0, :, 2].double(), torch.log(power + 1e-8), atol=1e-3)
+    assert torch.allclose(feats[0, :, 2].double(), 0.1 * torch.log(power + 1e-8), atol=1e-4)
+
+
+def test_stereo_features_see_the_inter_channel_phase() -> None:
+    """Centred (same signal both sides), swapped-polarity and decorrelated stereo have the same log power
+    per channel; only the stereo rows tell them apart: cos 1 / -1 where centred / inverted, wandering values
+    where the channels are independent."""
+    cfg = dataclasses.replace(tiny(2), stereo_features=True)
+    enc = SpectralCodec(cfg).encoder
+    n = cfg.bins
+    assert cfg.encoder_inputs == 4 * n
+    g = torch.Generator().manual_seed(0)
+    mono = torch.randn(1, 1, 8 * cfg.hop, generator=g)
+    centred, inverted = torch.cat([mono, mono], 1), torch.cat([mono, -mono], 1)
+    wide = torch.cat([mono, torch.randn(1, 1, 8 * cfg.hop, generator=g)], 1)
+    fc, fi, fw = (enc.features(x)[0, :, 2:] for x in (centred, inverted, wide))  # frames that saw audio only
+    assert fc.shape[0] == 4 * n
+    assert torch.allclose(fc[: 2 * n], fi[: 2 * n])  # same power
+    heard = fc[:n] > 0.1 * math.log(1e-2)  # bins with some power (a silent bin's rows go to 0, not +-1)
+    assert heard.float().mean() > 0.9
+    assert torch.allclose(fc[2 * n : 3 * n][heard], torch.ones(int(heard.sum())), atol=1e-3)
+    assert torch.allclose(fi[2 * n : 3 * n][heard], -torch.ones(int(heard.sum())), atol=1e-3)
+    assert fc[3 * n :].abs().max() < 1e-3
+    assert fw[2 * n : 3 * n].mean() < 0.2 and fw[2 * n :].abs().max() <= 1.0 + 1e-5
+    # a codec trained before the option existed loads without it
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "stereo_features"}
+    assert type(cfg).from_dict(old).stereo_features is False
 
 
 @pytest.mark.parametrize(("frames", "stereo_phase"), [(1, "linked"), (3, "linked"), (3, "independent")])

@@ -155,6 +155,7 @@ def test_exported_pack_runs_and_its_encoder_matches_torch(runs: Path, tmp_path: 
     pack = train.export_pack(out, codec_checkpoint=runs / "codec" / train.CHECKPOINT,
                              lm_checkpoint=runs / "lm" / train.CHECKPOINT, quantize="none", float16=False)
     assert pack.encoder is not None and pack.lm["context"] == 12
+    assert pack.sampling == train.PACK_SAMPLING  # what the recipe's packs are played with
     tr = pack.info["training"]
     assert tr["lm"]["layers"] == 2 and tr["codec_training"]["step"] == 4 and "losses" in tr["lm_training"]
     assert tr["lm_training"]["device"].startswith("cpu")
@@ -267,20 +268,23 @@ def test_decoder_fine_tuning_keeps_the_tokens_and_packs(runs: Path, tmp_path: Pa
         train.load_codec(other / train.CHECKPOINT, tmp_path / "dec" / train.CHECKPOINT)
 
 
-def test_a_codec_can_train_linked_from_the_start(tmp_path: Path) -> None:
+def test_a_codec_trains_linked_from_the_start_with_stereo_features(tmp_path: Path) -> None:
     cfg = tiny_codec_cfg(1)
-    cfg.codec["stereo_phase"], cfg.stereo_weight = "linked", 1.0
+    cfg.codec.update(stereo_phase="linked", stereo_features=True)
+    cfg.stereo_weight = 1.0
     rec = train.train_codec(tmp_path, cfg, device="cpu", quiet=True)
     assert "ipd" in rec["losses"]
     codec, _ = train.load_codec(tmp_path / train.CHECKPOINT)
-    assert codec.cfg.linked
+    assert codec.cfg.linked and codec.cfg.stereo_features
+    assert codec.encoder.net.inp.in_channels == 4 * codec.cfg.bins
 
 
 def test_a_decoder_fine_tune_links_an_independent_codecs_stereo_phase(tmp_path: Path) -> None:
     """A codec trained with independently accumulated channel phases gets a linked decoder: it starts out
     centred (no inter-channel difference), keeps its tokens, and a pack of it decodes linked."""
     cfg = tiny_codec_cfg(2)
-    assert cfg.codec["stereo_phase"] == "independent"  # the shipped codec's recipe
+    cfg.codec.update(stereo_phase="independent", stereo_features=False)  # the recipe before linked training
+    cfg.stereo_weight = 0.0
     train.train_codec(tmp_path / "codec", cfg, device="cpu", quiet=True)
     codec_ckpt = tmp_path / "codec" / train.CHECKPOINT
     base, _ = train.load_codec(codec_ckpt)

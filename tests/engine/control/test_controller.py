@@ -171,6 +171,19 @@ def test_preset_save_and_load_through_the_controller(pack: packfmt.Pack, tmp_pat
     assert ctl.preset_name == "mine"
 
 
+def test_a_preset_without_sampling_gets_the_packs_own(pack: packfmt.Pack, tmp_path: Path) -> None:
+    """Sampling a preset leaves out goes back to the pack's ``[sampling]``, not to the registry's defaults."""
+    import dataclasses
+
+    ctl = _controller(pack, temperature=2.0, guidance=6.0)
+    ctl.gen.pack = dataclasses.replace(pack, sampling={"temperature": 0.8, "guidance": 1.25})
+    (tmp_path / "plain.toml").write_text(f'name = "plain"\nprompt = "{pack.prompts[1]}"\n')
+    ctl.presets_dir = tmp_path
+    ctl.load_preset("plain")
+    assert ctl.registry.get("temperature") == 0.8 and ctl.registry.get("guidance") == 1.25
+    assert ctl.gen.params.sampling.guidance == 1.25
+
+
 def test_meter_levels_and_spectrum_follow_the_signal() -> None:
     m = Meter(32000, 2)
     t = np.arange(3000) / 32000
