@@ -73,8 +73,9 @@ class CodecTrainConfig:
     stage is the recipe of the shipped codec, whose channels accumulate their
     phases independently (``stereo_phase = "independent"``, no mid/side
     term): :func:`train_decoder` then links them. ``stereo_phase = "linked"``
-    in ``codec`` with a ``stereo_weight`` trains linked from the start (not yet
-    measured at full length).
+    in ``codec`` with a ``stereo_weight`` trains linked from the start; with the
+    encoder's ``stereo_features`` too, one 50-minute run (3078 steps) was no
+    better than this recipe (docs/training.md, "What it would take").
     :meth:`seanet` is the causal SEANet (``cicada train codec --kind seanet``,
     about 25 minutes), which uses only the audio losses; it is sized for the
     engine first (decoder step well under 3 ms per frame on 2 cores):
