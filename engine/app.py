@@ -364,8 +364,8 @@ def run_live(
                 raise AppError(f"generation failed: {stream.error}")
             if stream.first_sound_at is not None and not reported_first:
                 reported_first = True
-                log.info("first sound %.2f s after the process started",
-                         process_age() - (time.monotonic() - stream.first_sound_at))
+                first = process_age() - (time.monotonic() - stream.first_sound_at)
+                (on_status or log.info)(f"first sound {first:.2f} s after the process started")
             # Only tell systemd we're alive if generation is actually moving.
             if gen.steps != last_steps:
                 wd.ping()
