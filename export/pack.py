@@ -55,11 +55,12 @@ def _tensor_table(spec: GraphSpec) -> dict[str, list[dict]]:
     }
 
 
-def _export(module: nn.Module, spec: GraphSpec, example: tuple, path: Path, what: str, float16: bool = False) -> None:
+def _export(module: nn.Module, spec: GraphSpec, example: tuple, path: Path, what: str, float16: bool = False,
+            float16_constants: bool = True) -> None:
     t0 = time.perf_counter()
     export_graph(module, example, spec, path)
     if float16:
-        store_float16(path, path)
+        store_float16(path, path, constants=float16_constants)
     log.info("exported %s -> %s in %.1f s", what, path.name, time.perf_counter() - t0)
 
 
@@ -110,8 +111,9 @@ def build_pack(
             elif spec.quantize != "none":
                 raise ValueError(f"--quantize {spec.quantize!r}: choose none or int8")
             if encoder is not None:
+                # its analysis basis feeds a logarithm: kept float32 (store_float16)
                 _export(encoder.eval(), encoder.spec, encoder.example_inputs(), tmp / "encoder.onnx", "encoder",
-                        float16)
+                        float16, float16_constants=False)
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
 
         doc: dict[str, Any] = {
