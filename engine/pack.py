@@ -570,7 +570,7 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
 
 def _sampling(table: dict[str, Any], problems: _Problems) -> dict[str, float | int]:
     """``[sampling]`` checked against the parameter registry's ranges (types are checked by the schema)."""
-    from engine.params import PARAMS
+    from engine.params import PARAMS, ParamError
 
     ranges = {p.name: p for p in PARAMS}
     out: dict[str, float | int] = {}
@@ -578,7 +578,7 @@ def _sampling(table: dict[str, Any], problems: _Problems) -> dict[str, float | i
         param = ranges[key]
         try:
             v, warning = param.coerce(value)
-        except Exception as exc:  # ParamError: wrong kind (already reported by the schema)
+        except ParamError as exc:  # a value of the wrong kind (the schema reports most of these first)
             problems.add(f"{MANIFEST}: sampling.{key}: {exc}")
             continue
         if warning is not None:
