@@ -220,8 +220,9 @@ _SCHEMA: dict[str, dict[str, tuple[_Check, bool]]] = {
         "guidance": (_is_num, False),
     },
 }
-# Tables a pack may leave out.
-_OPTIONAL_TABLES = ("encoder", "sampling")
+# Tables a pack may leave out: optional graphs, and the rest.
+_OPTIONAL_GRAPHS = ("encoder",)
+_OPTIONAL_TABLES = (*_OPTIONAL_GRAPHS, "sampling")
 # Free-form record tables: any keys allowed.
 _FREE_TABLES = ("source", "training")
 _TYPE_WORDS = {
@@ -519,7 +520,7 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
         )
 
     graphs: dict[str, GraphInfo] = {}
-    for section in ("decoder", "lm", "conditioner", *(t for t in _OPTIONAL_TABLES if t in doc and t != "sampling")):
+    for section in ("decoder", "lm", "conditioner", *(t for t in _OPTIONAL_GRAPHS if t in doc)):
         s = doc[section]
         g = GraphInfo(
             section=section,
@@ -570,12 +571,11 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
 
 def _sampling(table: dict[str, Any], problems: _Problems) -> dict[str, float | int]:
     """``[sampling]`` checked against the parameter registry's ranges (types are checked by the schema)."""
-    from engine.params import PARAMS, ParamError
+    from engine.params import PARAM_BY_NAME, ParamError
 
-    ranges = {p.name: p for p in PARAMS}
     out: dict[str, float | int] = {}
     for key, value in table.items():
-        param = ranges[key]
+        param = PARAM_BY_NAME[key]
         try:
             v, warning = param.coerce(value)
         except ParamError as exc:  # a value of the wrong kind (the schema reports most of these first)

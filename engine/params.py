@@ -163,6 +163,9 @@ PARAMS: tuple[Param, ...] = (
           choices=("off", "beat", "bar")),
 )
 
+PARAM_BY_NAME: Mapping[str, Param] = MappingProxyType({p.name: p for p in PARAMS})
+"""The built-in parameters by name (what presets, pack manifests and converters check values against)."""
+
 
 @dataclass(frozen=True)
 class Snapshot:

@@ -48,11 +48,11 @@ from typing import Any
 
 from engine.generator import GenParams
 from engine.pack import write_text_atomic
-from engine.params import PARAMS, Param, ParamError
+from engine.params import PARAM_BY_NAME, PARAMS, Param, ParamError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
-_BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+_BY_NAME = PARAM_BY_NAME
 _TOP_VALUES = ("prompt", "prompt_b", "seed")  # registry values kept at the top level (readable files)
 _TOP = {"name": str, "description": str, "prompt": str, "prompt_b": str, "seed": int, "params": dict, "midi": dict,
         "osc": dict}
