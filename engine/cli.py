@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus clips per prompt, encoded once and cached (default: the stage's)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("decoder", parents=[run],
-                       help="optional: fine-tune the codec's decoder on its frozen tokens (the LM stays valid)")
+                       help="fine-tune the codec's decoder on its frozen tokens (the LM stays valid)")
     p.add_argument("--out", type=Path, default=root / "decoder", help="run folder (default out/train/decoder)")
     p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
     p.set_defaults(func=_cmd_train)
@@ -463,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["none", "int8"], default="int8", help="LM weights (default int8)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)
-    p = trs.add_parser("all", parents=[run, kind], help="codec, then LM, then the pack, each at its defaults")
-    p.add_argument("--runs", type=Path, default=root, help="folder for the two run folders (default out/train)")
+    p = trs.add_parser("all", parents=[run, kind], help="codec, LM, decoder fine-tune, then the pack, each at its defaults "
+                                                       "(the shipped pack's recipe)")
+    p.add_argument("--runs", type=Path, default=root, help="folder for the three run folders (default out/train)")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)

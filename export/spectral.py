@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -301,17 +302,20 @@ def frame_targets(decoder: SpectralDecoder, audio: torch.Tensor) -> tuple[torch.
     return torch.fft.rfft(x, dim=-1), mask
 
 
-def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor,
+                spectrum: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Per-bin supervision of the decoder's frames: ``"magnitude"`` (log-magnitude L1), ``"phase"``
-    (magnitude-weighted phase-advance loss) and, for linked stereo, ``"ipd"`` (the inter-channel phase
-    difference, weighted by the geometric mean of the two channels' magnitudes).
+    (magnitude-weighted phase-advance loss), for linked stereo ``"ipd"`` (the inter-channel phase
+    difference, weighted by the geometric mean of the two channels' magnitudes), and the band terms of
+    :func:`band_losses` (``"band"``, ``"flux"``).
 
     Much easier to learn from than the waveform alone: every bin of every frame gets its own target. The
     phase terms are ``1 - cos(predicted - true)`` weighted by each bin's share of its frame's magnitude,
-    so phase is learned where there is something to hear.
+    so phase is learned where there is something to hear. ``spectrum`` is ``decoder.spectrum(z)`` when
+    the caller has it already (the decoder then runs once per step).
     """
     target, mask = frame_targets(decoder, audio)
-    m, adv, offset = decoder.spectrum(z)
+    m, adv, offset = decoder.spectrum(z) if spectrum is None else spectrum
     mag = target.abs()
     out = {"magnitude": ((m - torch.log(mag + 1e-5)).abs().mean(-1) * mask).mean() / mask.mean()}
     angle = torch.angle(target)
@@ -324,6 +328,51 @@ def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor) 
         w = both / both.sum(-1, keepdim=True).clamp_min(1e-7)
         ipd = offset[:, 0] - offset[:, 1]
         out["ipd"] = (((1.0 - torch.cos(ipd - true_ipd)) * w).sum(-1) * mask).mean() / mask.mean()
+    out.update(band_losses(band_filters(decoder.cfg.sample_rate, decoder.cfg.n_fft).to(m.device), m, mag, mask))
+    return out
+
+
+BANDS = 32
+"""Mel bands of :func:`band_losses` over the decoder's bins."""
+
+
+@functools.lru_cache(maxsize=8)
+def band_filters(sample_rate: int, n_fft: int) -> torch.Tensor:
+    """``[BANDS, n_fft // 2 + 1]`` mel filters (30 Hz to Nyquist), for :func:`band_losses`."""
+    from export.evaluate import mel_filterbank
+
+    fb = mel_filterbank(sample_rate, n_fft, BANDS, 30.0, sample_rate / 2)
+    return torch.from_numpy(fb.astype("float32"))
+
+
+def band_losses(fb: torch.Tensor, log_mag: torch.Tensor, true_mag: torch.Tensor, mask: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """Frame-level loudness of each mel band: ``"band"`` and ``"flux"`` (natural-log units).
+
+    ``log_mag`` and ``true_mag`` are ``[B, C, F, N]`` (predicted log magnitudes, target magnitudes), ``fb``
+    is ``[M, N]``, ``mask`` ``[F]`` (frames wholly inside the audio). Band energies ``E = log(fb |X|^2)``
+    (floored 70 dB under the loudest band of the example).
+
+    - ``"band"``: L1 between the predicted and true ``E``. The per-bin magnitude loss is a mean over every
+      bin, most of them near silence; this one weighs what is heard.
+    - ``"flux"``: L1 between the predicted and true mean frame-to-frame change ``mean_t |E[t] - E[t-1]|`` of
+      each band. A statistic, not a frame-by-frame match: a steady hum must come out steady (the codes of a
+      steady sound jitter from frame to frame, and a decoder that follows them makes the hum flutter, which
+      is heard as pulsing), while noise must fluctuate as much as the noise did, wherever it does.
+    """
+    def energies(power: torch.Tensor) -> torch.Tensor:
+        e = torch.einsum("mn,bcfn->bcfm", fb, power)
+        floor = e.amax(dim=(2, 3), keepdim=True) * 1e-7 + 1e-12
+        return torch.log(e + floor)
+
+    keep = mask.bool()
+    ep = energies(torch.exp(2.0 * log_mag))[:, :, keep]
+    et = energies(true_mag.square())[:, :, keep]
+    out = {"band": (ep - et).abs().mean()}
+    if ep.shape[2] > 1:
+        out["flux"] = ((ep.diff(dim=2).abs().mean(2) - et.diff(dim=2).abs().mean(2)).abs()).mean()
+    else:
+        out["flux"] = ep.new_zeros(())
     return out
 
 

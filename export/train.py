@@ -1,9 +1,10 @@
 """Train cicada's own codec and LM on the procedural food-sound corpus, in bounded time.
 
-Three stages, each resumable from the checkpoint it leaves in its folder::
+Four stages, each resumable from the checkpoint it leaves in its folder::
 
     cicada train codec   out/train/codec/checkpoint.pt   causal stereo codec, spectral + waveform losses
     cicada train lm      out/train/lm/checkpoint.pt      rotary LM + text encoder on the codec's tokens
+    cicada train decoder out/train/decoder/checkpoint.pt the codec's decoder fine-tuned on its frozen tokens
     cicada train pack    packs/default                   ONNX pack, with the training record
 
 Training is step-based (so a seed gives the same models on the same device)
@@ -116,7 +117,8 @@ class CodecTrainConfig:
 CODEC_KINDS = {"spectral": CodecTrainConfig, "seanet": CodecTrainConfig.seanet}
 
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent"},
+    "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
+                "envelope_weight": 0.0},
 }
 """What a stage's saved config meant for fields it predates: a run resumes and loads as it was trained."""
 
@@ -129,7 +131,7 @@ def saved_config(stage: str, config: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class DecoderTrainConfig:
     """Decoder fine-tuning on a trained codec: encoder and codebooks frozen, so the tokens (and the LM
-    trained on them) stay valid while the sound gets better. Optional; not part of ``train all``.
+    trained on them) stay valid while the sound gets better. ``train all`` runs it after the LM.
 
     A spectral codec trained with independent channel phases gets a linked decoder here
     (:func:`link_stereo_phase`): that is how the shipped pack's centred sounds stopped coming out wide.
@@ -146,6 +148,9 @@ class DecoderTrainConfig:
     magnitude_weight: float = 0.5  # spectral codec only (see CodecTrainConfig)
     phase_weight: float = 2.0
     stereo_weight: float = 1.0  # mid/side log-mel L1 (see spectral_loss)
+    band_weight: float = 0.5  # spectral codec only: mel-band loudness of each frame (see spectral.band_losses)
+    flux_weight: float = 1.0  # spectral codec only: how much each band's loudness changes frame to frame
+    envelope_weight: float = 1.0  # the same on the audio after overlap-add (see envelope_flux_loss)
     stereo_phase: str = "linked"  # spectral codec only: how the fine-tuned decoder phases its channels
     batch_offset: int = 1_000_000  # batches the codec stage never saw
 
@@ -406,26 +411,82 @@ def spectral_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int = data.SAMP
     return total / len(MEL_SCALES)
 
 
-def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor,
-                          wave_weight: float, magnitude_weight: float, phase_weight: float,
-                          stereo_weight: float = 0.0) -> dict[str, torch.Tensor]:
-    """The codec's losses for audio ``x`` decoded as ``y`` (both ``[B, C, T]``) from ``latent``, with their
-    weighted sum as ``"total"``.
+ENVELOPE_SCALE = (512, 16)
+"""(n_fft, mel bands) of :func:`envelope_flux_loss`: 4 ms frames."""
+
+
+def envelope_flux_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int = data.SAMPLE_RATE) -> torch.Tensor:
+    """How much the loudness of each mel band of ``y`` flutters, against ``x`` (both ``[B, C, T]``).
+
+    Per channel and band: the mean frame-to-frame change of the log mel energy (4 ms frames, floored
+    70 dB under the example's loudest band), compared as an L1 between ``x`` and ``y``. Like the
+    ``"flux"`` of :func:`export.spectral.band_losses` but on the audio, after the overlap-add: two frames
+    whose phases disagree partly cancel where they overlap, and a steady tone comes out pulsing. A
+    statistic, so noise need only flutter as much as the reference, not in step with it.
+    """
+    n_fft, n_mels = ENVELOPE_SCALE
+    fb = mel_matrix(n_fft, n_mels, sample_rate).to(x.device)
+
+    def flux(a: torch.Tensor) -> torch.Tensor:
+        X = stft(a.flatten(0, 1), n_fft)
+        e = fb @ (X.real.square() + X.imag.square())  # [B*C, M, frames]
+        e = torch.log(e + e.amax(dim=(1, 2), keepdim=True) * 1e-7 + 1e-12)
+        return e.diff(dim=-1).abs().mean(-1)
+
+    return (flux(x) - flux(y)).abs().mean()
+
+
+@dataclass
+class LossWeights:
+    """Weights of :func:`reconstruction_losses`' terms (the spectral loss has weight 1)."""
+
+    wave: float = 0.1
+    magnitude: float = 0.5
+    phase: float = 2.0
+    stereo: float = 0.0
+    band: float = 0.0
+    flux: float = 0.0
+    envelope: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: Any) -> LossWeights:
+        """The weights a codec or decoder training config says."""
+        return cls(cfg.wave_weight, cfg.magnitude_weight, cfg.phase_weight, cfg.stereo_weight,
+                   getattr(cfg, "band_weight", 0.0), getattr(cfg, "flux_weight", 0.0),
+                   getattr(cfg, "envelope_weight", 0.0))
+
+
+def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, latent: torch.Tensor, w: LossWeights
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decode ``latent`` and compare with ``x`` (``[B, C, T]``): the decoded audio ``[B, C, T]`` and the
+    losses, with their weighted sum as ``"total"``.
 
     A spectral codec's first block fades in (it has no frame before it), so its audio losses start one hop
     in, and it adds the per-bin frame targets of :func:`export.spectral.direct_loss` (the inter-channel
-    phase of linked stereo with ``phase_weight``).
+    phase of linked stereo with ``w.phase``); its decoder network runs once for both.
     """
     out: dict[str, torch.Tensor] = {}
     if isinstance(codec, SpectralCodec):
         hop = codec.cfg.hop_length
-        out.update(direct_loss(codec.decoder, latent, x))
-        x, y = x[..., hop:], y[..., hop:]
-    out["spectral"] = spectral_loss(x, y, codec.cfg.sample_rate, stereo_weight)
-    out["wave"] = (x - y).abs().mean()
-    out["total"] = (out["spectral"] + wave_weight * out["wave"] + magnitude_weight * out.get("magnitude", 0.0)
-                    + phase_weight * (out.get("phase", 0.0) + out.get("ipd", 0.0)))
-    return out
+        spectrum = codec.decoder.spectrum(latent)
+        y = codec.decoder.synthesize(*spectrum)[..., : x.shape[-1]]
+        out.update(direct_loss(codec.decoder, latent, x, spectrum))
+        xa, ya = x[..., hop:], y[..., hop:]
+    else:
+        y = codec.decoder(latent)[..., : x.shape[-1]]
+        xa, ya = x, y
+    out["spectral"] = spectral_loss(xa, ya, codec.cfg.sample_rate, w.stereo)
+    out["wave"] = (xa - ya).abs().mean()
+    if w.envelope:
+        out["envelope"] = envelope_flux_loss(xa, ya, codec.cfg.sample_rate)
+    zero = x.new_zeros(())
+    out["total"] = (out["spectral"] + w.wave * out["wave"] + w.magnitude * out.get("magnitude", zero)
+                    + w.phase * (out.get("phase", zero) + out.get("ipd", zero)) + w.band * out.get("band", zero)
+                    + w.flux * out.get("flux", zero) + w.envelope * out.get("envelope", zero))
+    for name in ("band", "flux"):  # reported only where they are trained on
+        if not getattr(w, name):
+            out.pop(name, None)
+    return y, out
 
 
 def codec_batch(step: int, seed: int, batch: int, seconds: float, sample_rate: int) -> np.ndarray:
@@ -559,9 +620,7 @@ def train_codec(
         else:
             qo = codec.quantizer(z)
         latent[:] = [z.detach()]
-        y = codec.decoder(qo.quantized)[..., : x.shape[-1]]
-        losses = reconstruction_losses(codec, x, y, qo.quantized, cfg.wave_weight, cfg.magnitude_weight,
-                                       cfg.phase_weight, cfg.stereo_weight)
+        _, losses = reconstruction_losses(codec, x, qo.quantized, LossWeights.of(cfg))
         loss = losses.pop("total") + cfg.commit_weight * qo.commit_loss
         return loss, dict(**{k: float(v.detach()) for k, v in losses.items()}, commit=float(qo.commit_loss.detach()))
 
@@ -666,9 +725,7 @@ def train_decoder(
         x = torch.from_numpy(codec_batch(cfg.batch_offset + step, cfg.seed, cfg.batch, cfg.segment, sr)).to(dev)
         with torch.no_grad():
             q = codec.quantizer(codec.encoder(x)).quantized
-        y = codec.decoder(q)[..., : x.shape[-1]]
-        losses = reconstruction_losses(codec, x, y, q, cfg.wave_weight, cfg.magnitude_weight, cfg.phase_weight,
-                                       cfg.stereo_weight)
+        _, losses = reconstruction_losses(codec, x, q, LossWeights.of(cfg))
         return losses.pop("total"), {k: float(v.detach()) for k, v in losses.items()}
 
     loop.run(cfg, opt, list(codec.decoder.parameters()), 10.0, step_fn, checkpoint, quiet)
@@ -963,18 +1020,20 @@ def run_cli(args: Any) -> int:
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         print(f"lm: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
-    if args.stage == "decoder":
+    decoder = getattr(args, "decoder", None)
+    if args.stage in ("decoder", "all"):
+        out = args.runs / "decoder" if args.stage == "all" else args.out
+        codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         cfg = _overrides(DecoderTrainConfig(), args, common)
-        rec = train_decoder(args.out, cfg, codec_checkpoint=args.codec, device=args.device, fresh=args.fresh,
-                            command=command)
+        rec = train_decoder(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
+        decoder = out / CHECKPOINT
         print(f"decoder: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
-              f"losses {_fmt(rec['losses'])} -> {args.out / CHECKPOINT} (pack it with "
-              f"`cicada train pack --decoder {args.out / CHECKPOINT}`)")
+              f"losses {_fmt(rec['losses'])} -> {decoder}"
+              + (f" (pack it with `cicada train pack --decoder {decoder}`)" if args.stage == "decoder" else ""))
     if args.stage in ("pack", "all"):
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         lm = args.runs / "lm" / CHECKPOINT if args.stage == "all" else args.lm
-        pack = export_pack(args.out, codec_checkpoint=codec, lm_checkpoint=lm,
-                           decoder_checkpoint=getattr(args, "decoder", None),
+        pack = export_pack(args.out, codec_checkpoint=codec, lm_checkpoint=lm, decoder_checkpoint=decoder,
                            quantize=getattr(args, "quantize", "int8"), overwrite=args.force, command=command)
         size = sum(f.stat().st_size for f in pack.path.iterdir()) / 1e6
         print(f"wrote {pack.path} ({size:.1f} MB)")

@@ -16,6 +16,8 @@ from export.spectral import (
     SpectralCodec,
     SpectralCodecConfig,
     StreamingSpectralDecoder,
+    band_filters,
+    band_losses,
     direct_loss,
     frame_targets,
     hann,
@@ -262,10 +264,32 @@ def test_direct_loss_is_bounded_and_trains_the_decoder() -> None:
     audio = torch.randn(1, 1, 12 * cfg.hop) * 0.2
     z = codec.encoder(audio)
     losses = direct_loss(codec.decoder, z, audio)
-    assert set(losses) == {"magnitude", "phase"}
+    assert set(losses) == {"magnitude", "phase", "band", "flux"}
     assert float(losses["magnitude"].detach()) > 0.1 and 0.0 < float(losses["phase"].detach()) <= 2.0
     (losses["magnitude"] + losses["phase"]).backward()
     assert codec.decoder.net.out.weight.grad is not None
+
+
+def test_band_flux_asks_a_steady_tone_to_stay_steady_and_noise_to_flutter() -> None:
+    """``flux`` compares how much each band's loudness moves, not where: fluttering a steady tone costs,
+    noise that flutters as much as the reference (but not in step with it) costs little."""
+    sr, n_fft, frames, bins = 8000, 64, 40, 33
+    fb = band_filters(sr, n_fft)
+    mask = torch.ones(frames)
+    steady = torch.zeros(1, 1, frames, bins)
+    steady[..., 8] = 10.0  # one loud bin, every frame the same
+    flutter = steady.clone()
+    flutter[..., 8] *= (1.0 + 0.6 * (torch.arange(frames) % 2))  # +4 dB every other frame
+    log = lambda m: torch.log(m + 1e-5)  # noqa: E731
+    same = band_losses(fb, log(steady), steady, mask)
+    assert float(same["band"]) < 1e-4 and float(same["flux"]) < 1e-4
+    assert float(band_losses(fb, log(flutter), steady, mask)["flux"]) > 0.05
+    g = torch.Generator().manual_seed(0)
+    noise_a = torch.rand(1, 1, frames, bins, generator=g) + 0.1
+    noise_b = torch.rand(1, 1, frames, bins, generator=g) + 0.1
+    fluttering_like_it = float(band_losses(fb, log(noise_b), noise_a, mask)["flux"])
+    held_still = float(band_losses(fb, log(noise_a.mean(2, keepdim=True).expand_as(noise_a)), noise_a, mask)["flux"])
+    assert fluttering_like_it < 0.5 * held_still
 
 
 def test_direct_loss_of_linked_stereo_learns_the_phase_difference() -> None:

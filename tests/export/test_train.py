@@ -90,8 +90,46 @@ def test_stereo_weight_makes_decorrelated_channels_cost() -> None:
     assert float(train.spectral_loss(centred[:, :1], wide[:, :1], stereo_weight=1.0)) < 1e-4  # mono: no effect
 
 
+def test_envelope_flux_hears_a_pulsing_tone() -> None:
+    """Two overlapping frames out of phase partly cancel: a steady tone comes out pulsing. The envelope
+    term sees that on the audio; noise against other noise costs little."""
+    sr = 32000
+    t = torch.arange(sr // 2) / sr
+    tone = torch.sin(2 * torch.pi * 220.0 * t)
+    pulsing = tone * (1.0 - 0.5 * (torch.sin(2 * torch.pi * 25.0 * t) > 0).float())  # -6 dB at 25 Hz
+    steady = torch.stack([tone, tone])[None] * 0.3
+    assert float(train.envelope_flux_loss(steady, steady)) < 1e-5
+    bad = float(train.envelope_flux_loss(steady, torch.stack([pulsing, pulsing])[None] * 0.3))
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(1, 2, sr // 2, generator=g) * 0.1 for _ in range(2))
+    assert float(train.envelope_flux_loss(a, b)) < 0.2 * bad
+
+
+def test_the_decoder_runs_once_per_step_for_all_losses() -> None:
+    """reconstruction_losses decodes the latent itself: the audio it returns is the decoder's, and the
+    weights say which terms count (a zero weight leaves the total alone)."""
+    from export.spectral import SpectralCodec, SpectralCodecConfig
+
+    torch.manual_seed(0)
+    codec = SpectralCodec(SpectralCodecConfig(sample_rate=8000, hop=32, hidden=16, dimension=8, encoder_blocks=1,
+                                              decoder_blocks=1, n_codebooks=2, codebook_size=16))
+    x = torch.randn(2, 2, 80 * 32) * 0.1  # longer than the spectral loss's 2048-sample window
+    z = codec.encoder(x)
+    calls = []
+    codec.decoder.net.register_forward_hook(lambda *_: calls.append(1))
+    y, losses = train.reconstruction_losses(codec, x, z, train.LossWeights())
+    assert len(calls) == 1
+    assert torch.equal(y, codec.decoder(z)[..., : x.shape[-1]])
+    assert {"spectral", "wave", "magnitude", "phase"} <= set(losses) and "flux" not in losses  # weight 0
+    w = train.LossWeights(band=0.5, flux=1.0, envelope=1.0)
+    _, more = train.reconstruction_losses(codec, x, z, w)
+    expected = (losses["total"] + 0.5 * more["band"] + more["flux"] + more["envelope"])
+    assert torch.allclose(more["total"], expected, rtol=1e-5)
+
+
 def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     assert train.saved_config("decoder", {"steps": 5})["stereo_phase"] == "independent"
+    assert train.saved_config("decoder", {"steps": 5})["flux_weight"] == 0.0
     assert train.saved_config("decoder", {"stereo_phase": "linked"})["stereo_phase"] == "linked"
     assert train.saved_config("lm", {"steps": 5}) == {"steps": 5}
 
@@ -256,6 +294,42 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert type(codec).__name__ == "Codec" and record["config"]["segment"] == 0.4
 
 
+def test_cli_train_all_runs_the_shipped_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`cicada train all` is codec, LM, decoder fine-tune, pack: the stages the shipped pack was made with,
+    each in its run folder, the pack taking the fine-tuned decoder. (The stages themselves are tested
+    above; a real `train all` at the defaults takes hours.)"""
+    calls: list[tuple[str, dict]] = []
+    rec = dict(step=1, elapsed_minutes=0.0, device="cpu", losses={})
+
+    def stage(name: str):
+        def run(out, cfg=None, **kw):
+            calls.append((name, dict(out=Path(out), cfg=cfg, **kw)))
+            return rec
+        return run
+
+    class Written:
+        path = tmp_path / "pack"
+
+    def pack(out, **kw):
+        calls.append(("pack", dict(out=Path(out), **kw)))
+        Written.path.mkdir(exist_ok=True)
+        return Written
+
+    for name in ("codec", "lm", "decoder"):
+        monkeypatch.setattr(train, f"train_{name}", stage(name))
+    monkeypatch.setattr(train, "export_pack", pack)
+    runs = tmp_path / "runs"
+    assert main(["train", "all", "--runs", str(runs), "--out", str(tmp_path / "pack"), "--seed", "3"]) == 0
+    assert [c[0] for c in calls] == ["codec", "lm", "decoder", "pack"]
+    by = dict(calls)
+    assert by["decoder"]["out"] == runs / "decoder" and by["decoder"]["codec_checkpoint"] == runs / "codec" / train.CHECKPOINT
+    assert by["decoder"]["cfg"].seed == 3 and by["decoder"]["cfg"].flux_weight > 0
+    assert by["pack"]["decoder_checkpoint"] == runs / "decoder" / train.CHECKPOINT
+    assert by["pack"]["lm_checkpoint"] == runs / "lm" / train.CHECKPOINT
+    assert "decoder: step 1" in capsys.readouterr().out
+
+
 def test_configs_are_plain_data() -> None:
     for cfg in (train.CodecTrainConfig(), train.CodecTrainConfig.seanet(), train.LMTrainConfig()):
         d = dataclasses.asdict(cfg)
@@ -266,7 +340,8 @@ def test_decoder_fine_tuning_keeps_the_tokens_and_packs(runs: Path, tmp_path: Pa
     codec_ckpt = runs / "codec" / train.CHECKPOINT
     cfg = train.DecoderTrainConfig(steps=3, batch=2, segment=0.1, warmup=1)
     rec = train.train_decoder(tmp_path / "dec", cfg, codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
-    assert rec["step"] == 3 and set(rec["losses"]) == {"magnitude", "phase", "ipd", "spectral", "wave"}
+    assert rec["step"] == 3 and set(rec["losses"]) == {"magnitude", "phase", "ipd", "spectral", "wave",
+                                                              "band", "flux", "envelope"}
     base, _ = train.load_codec(codec_ckpt)
     tuned, record = train.load_codec(codec_ckpt, tmp_path / "dec" / train.CHECKPOINT)
     assert record["decoder"]["step"] == 3
