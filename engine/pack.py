@@ -571,21 +571,12 @@ def load(path: str | os.PathLike, *, check_graphs: bool = True) -> Pack:
 
 def _sampling(table: dict[str, Any], problems: _Problems) -> dict[str, float | int]:
     """``[sampling]`` checked against the parameter registry's ranges (types are checked by the schema)."""
-    from engine.params import PARAM_BY_NAME, ParamError
+    from engine.params import in_range
 
-    out: dict[str, float | int] = {}
-    for key, value in table.items():
-        param = PARAM_BY_NAME[key]
-        try:
-            v, warning = param.coerce(value)
-        except ParamError as exc:  # a value of the wrong kind (the schema reports most of these first)
-            problems.add(f"{MANIFEST}: sampling.{key}: {exc}")
-            continue
-        if warning is not None:
-            problems.add(f"{MANIFEST}: sampling.{key} = {value!r} is out of range {param.describe_range()}")
-            continue
-        out[key] = v
-    return out
+    accepted, wrong = in_range(table)
+    for problem in wrong:
+        problems.add(f"{MANIFEST}: sampling.{problem}")
+    return accepted  # type: ignore[return-value]  # sampling parameters are all numbers
 
 
 # ---------------------------------------------------------------------------

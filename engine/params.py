@@ -167,6 +167,30 @@ PARAM_BY_NAME: Mapping[str, Param] = MappingProxyType({p.name: p for p in PARAMS
 """The built-in parameters by name (what presets, pack manifests and converters check values against)."""
 
 
+def in_range(values: Mapping[str, Any]) -> tuple[dict[str, Value], list[str]]:
+    """Values of built-in parameters taken as they are or not at all: ``(accepted, problems)``.
+
+    Each value is coerced to its parameter's type; one that cannot be, or that :meth:`Param.coerce` would
+    clamp, is left out and its problem names the key (``"top_k = 5000 is out of range 0..1000"``). For
+    settings a file states (a pack's ``[sampling]``, a converted checkpoint's generation config), where a
+    silently clamped value would be a different setting from the one written.
+    """
+    accepted: dict[str, Value] = {}
+    problems: list[str] = []
+    for key, value in values.items():
+        param = PARAM_BY_NAME[key]
+        try:
+            v, warning = param.coerce(value)
+        except ParamError as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        if warning is not None:
+            problems.append(f"{key} = {value!r} is out of range {param.describe_range()}")
+            continue
+        accepted[key] = v
+    return accepted, problems
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """All values at one version (immutable; read it, never mutate it)."""

@@ -84,7 +84,7 @@ def recommended_sampling(model_dir: Path) -> dict[str, float | int]:
     cicada's 0); ``do_sample = false`` -> temperature 0 (greedy). A value outside cicada's range is left out
     (with a warning), and so is the whole table without the file: the engine's defaults are MusicGen's.
     """
-    from engine.params import PARAM_BY_NAME
+    from engine.params import in_range
 
     path = model_dir / "generation_config.json"
     if not path.is_file():
@@ -105,15 +105,10 @@ def recommended_sampling(model_dir: Path) -> dict[str, float | int]:
         wanted["top_k"] = int(gen["top_k"])
     if isinstance(gen.get("top_p"), (int, float)) and 0.0 < gen["top_p"] < 1.0:
         wanted["top_p"] = float(gen["top_p"])
-    out: dict[str, float | int] = {}
-    for key, value in wanted.items():
-        v, warning = PARAM_BY_NAME[key].coerce(value)
-        if warning is not None:
-            log.warning("%s: %s = %r is outside cicada's range %s; left out", path, key, value,
-                        PARAM_BY_NAME[key].describe_range())
-            continue
-        out[key] = v
-    return out
+    out, problems = in_range(wanted)
+    for problem in problems:
+        log.warning("%s: %s; left out", path, problem)
+    return out  # type: ignore[return-value]  # sampling parameters are all numbers
 
 
 def convert(

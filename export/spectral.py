@@ -303,7 +303,8 @@ def frame_targets(decoder: SpectralDecoder, audio: torch.Tensor) -> tuple[torch.
 
 
 def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor,
-                spectrum: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                spectrum: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bands: bool = True
+                ) -> dict[str, torch.Tensor]:
     """Per-bin supervision of the decoder's frames: ``"magnitude"`` (log-magnitude L1), ``"phase"``
     (magnitude-weighted phase-advance loss), for linked stereo ``"ipd"`` (the inter-channel phase
     difference, weighted by the geometric mean of the two channels' magnitudes), and the band terms of
@@ -312,7 +313,8 @@ def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor,
     Much easier to learn from than the waveform alone: every bin of every frame gets its own target. The
     phase terms are ``1 - cos(predicted - true)`` weighted by each bin's share of its frame's magnitude,
     so phase is learned where there is something to hear. ``spectrum`` is ``decoder.spectrum(z)`` when
-    the caller has it already (the decoder then runs once per step).
+    the caller has it already (the decoder then runs once per step); ``bands = False`` leaves the band
+    terms out (not computed) for a caller that does not train on them.
     """
     target, mask = frame_targets(decoder, audio)
     m, adv, offset = decoder.spectrum(z) if spectrum is None else spectrum
@@ -328,7 +330,8 @@ def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor,
         w = both / both.sum(-1, keepdim=True).clamp_min(1e-7)
         ipd = offset[:, 0] - offset[:, 1]
         out["ipd"] = (((1.0 - torch.cos(ipd - true_ipd)) * w).sum(-1) * mask).mean() / mask.mean()
-    out.update(band_losses(band_filters(decoder.cfg.sample_rate, decoder.cfg.n_fft).to(m.device), m, mag, mask))
+    if bands:
+        out.update(band_losses(band_filters(decoder.cfg.sample_rate, decoder.cfg.n_fft).to(m.device), m, mag, mask))
     return out
 
 
@@ -361,19 +364,24 @@ def band_losses(fb: torch.Tensor, log_mag: torch.Tensor, true_mag: torch.Tensor,
       is heard as pulsing), while noise must fluctuate as much as the noise did, wherever it does.
     """
     def energies(power: torch.Tensor) -> torch.Tensor:
-        e = torch.einsum("mn,bcfn->bcfm", fb, power)
-        floor = e.amax(dim=(2, 3), keepdim=True) * 1e-7 + 1e-12
-        return torch.log(e + floor)
+        return floored_log(torch.einsum("mn,bcfn->bcfm", fb, power), dims=(2, 3))
 
     keep = mask.bool()
     ep = energies(torch.exp(2.0 * log_mag))[:, :, keep]
     et = energies(true_mag.square())[:, :, keep]
     out = {"band": (ep - et).abs().mean()}
-    if ep.shape[2] > 1:
-        out["flux"] = ((ep.diff(dim=2).abs().mean(2) - et.diff(dim=2).abs().mean(2)).abs()).mean()
-    else:
-        out["flux"] = ep.new_zeros(())
+    out["flux"] = flux_l1(ep, et, dim=2) if ep.shape[2] > 1 else ep.new_zeros(())
     return out
+
+
+def floored_log(energy: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``log(energy)`` floored 70 dB under the largest value over ``dims`` (so near-silence is one level)."""
+    return torch.log(energy + energy.amax(dim=dims, keepdim=True) * 1e-7 + 1e-12)
+
+
+def flux_l1(predicted: torch.Tensor, true: torch.Tensor, dim: int) -> torch.Tensor:
+    """L1 between the mean absolute frame-to-frame change along ``dim`` of two log-energy tensors."""
+    return (predicted.diff(dim=dim).abs().mean(dim) - true.diff(dim=dim).abs().mean(dim)).abs().mean()
 
 
 def log_magnitude(h: torch.Tensor, n_fft: int) -> torch.Tensor:

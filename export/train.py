@@ -49,7 +49,7 @@ from export.codec import Codec, CodecConfig, QuantizerOutput
 from export.conditioner import TextEncoder, TextEncoderConfig, WordTokenizer, split_words
 from export.evaluate import mel_filterbank
 from export.lm import LM, LMConfig, apply_delay
-from export.spectral import SpectralCodec, SpectralCodecConfig, direct_loss
+from export.spectral import SpectralCodec, SpectralCodecConfig, direct_loss, floored_log, flux_l1
 
 log = logging.getLogger("cicada.train")
 
@@ -427,13 +427,11 @@ def envelope_flux_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int = data
     n_fft, n_mels = ENVELOPE_SCALE
     fb = mel_matrix(n_fft, n_mels, sample_rate).to(x.device)
 
-    def flux(a: torch.Tensor) -> torch.Tensor:
+    def log_energy(a: torch.Tensor) -> torch.Tensor:
         X = stft(a.flatten(0, 1), n_fft)
-        e = fb @ (X.real.square() + X.imag.square())  # [B*C, M, frames]
-        e = torch.log(e + e.amax(dim=(1, 2), keepdim=True) * 1e-7 + 1e-12)
-        return e.diff(dim=-1).abs().mean(-1)
+        return floored_log(fb @ (X.real.square() + X.imag.square()), dims=(1, 2))  # [B*C, M, frames]
 
-    return (flux(x) - flux(y)).abs().mean()
+    return flux_l1(log_energy(y), log_energy(x), dim=-1)
 
 
 @dataclass
@@ -470,7 +468,7 @@ def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, latent:
         hop = codec.cfg.hop_length
         spectrum = codec.decoder.spectrum(latent)
         y = codec.decoder.synthesize(*spectrum)[..., : x.shape[-1]]
-        out.update(direct_loss(codec.decoder, latent, x, spectrum))
+        out.update(direct_loss(codec.decoder, latent, x, spectrum, bands=bool(w.band or w.flux)))
         xa, ya = x[..., hop:], y[..., hop:]
     else:
         y = codec.decoder(latent)[..., : x.shape[-1]]
