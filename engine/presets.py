@@ -52,7 +52,6 @@ from engine.params import PARAM_BY_NAME, PARAMS, Param, ParamError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
-_BY_NAME = PARAM_BY_NAME
 _TOP_VALUES = ("prompt", "prompt_b", "seed")  # registry values kept at the top level (readable files)
 _TOP = {"name": str, "description": str, "prompt": str, "prompt_b": str, "seed": int, "params": dict, "midi": dict,
         "osc": dict}
@@ -90,7 +89,7 @@ class Preset:
     osc: Mapping[str, str] = field(default_factory=dict)
 
     def _get(self, name: str) -> Any:
-        return self.values.get(name, _BY_NAME[name].default)
+        return self.values.get(name, PARAM_BY_NAME[name].default)
 
     @property
     def prompt(self) -> str:
@@ -181,17 +180,17 @@ def parse(doc: Mapping[str, Any], path: Path | None = None) -> Preset:
     values: dict[str, Any] = {}
     for key in _TOP_VALUES:
         if key in doc:
-            values[key] = _check_value(where, key, _BY_NAME[key], doc[key])
+            values[key] = _check_value(where, key, PARAM_BY_NAME[key], doc[key])
     for key, value in doc.get("params", {}).items():
-        p = _BY_NAME.get(key)
+        p = PARAM_BY_NAME.get(key)
         if p is None or key in _TOP_VALUES:
             hint = f" (put {key} at the top level)" if key in _TOP_VALUES else ""
-            known = ", ".join(n for n in _BY_NAME if n not in _TOP_VALUES)
+            known = ", ".join(n for n in PARAM_BY_NAME if n not in _TOP_VALUES)
             raise PresetError(f"{where}: unknown key params.{key}{hint} (known: {known})")
         values[key] = _check_value(where, f"params.{key}", p, value)
     osc = doc.get("osc", {})
     for addr, target in osc.items():
-        if not addr.startswith("/") or not isinstance(target, str) or target not in _BY_NAME:
+        if not addr.startswith("/") or not isinstance(target, str) or target not in PARAM_BY_NAME:
             raise PresetError(f"{where}: osc.{addr!r} must map an address starting with / to a parameter name "
                               f"(got {target!r})")
     midi = doc.get("midi", {})
@@ -217,7 +216,7 @@ def to_document(name: str, values: Mapping[str, Any], description: str = "",
     for key in _TOP_VALUES:
         if key in values:
             doc[key] = values[key]
-    doc["params"] = {k: v for k, v in values.items() if k in _BY_NAME and k not in _TOP_VALUES}
+    doc["params"] = {k: v for k, v in values.items() if k in PARAM_BY_NAME and k not in _TOP_VALUES}
     if midi:
         doc["midi"] = dict(midi)
     if osc:
