@@ -316,6 +316,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return v
+
+
 def _positive(kind: type):
     def parse(text: str):
         try:
@@ -448,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_positive(int), default=None, help="ring-cache frames of the pack (default 150)")
     p.add_argument("--corpus-clips", type=_positive(int), default=None,
                    help="corpus clips per prompt, encoded once and cached (default: the stage's)")
+    p.add_argument("--hysteresis", type=_fraction, default=None,
+                   help="keep a frame's previous code while it is this near, as a fraction of the residual's "
+                        "energy (default 0.15; 0 = always the nearest code)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("decoder", parents=[run],
                        help="fine-tune the codec's decoder on its frozen tokens (the LM stays valid)")

@@ -335,11 +335,40 @@ class QuantizerOutput(NamedTuple):
     commit_loss: torch.Tensor  # scalar
 
 
+@torch.jit.script
+def hold_codes(dist: torch.Tensor, nearest: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """Hysteresis in a quantiser stage's code choice, frame by frame.
+
+    dist [B, F, N] squared distances to the N codewords, nearest [B, F] their
+    argmin, slack [B, F] -> codes [B, F]: frame t keeps frame t-1's code while
+    its distance exceeds the nearest one's by at most ``slack[t]``.
+
+    A steady sound whose latent sits between two codewords otherwise flickers::
+
+        nearest  55 55 251 55 55 219 55      (one-frame jumps a causal decoder
+        held     55 55  55 55 55  55 55       and the LM both take for onsets)
+
+    while a real change, which moves the latent well past the old codeword,
+    switches at once. Scripted so the pack's encoder graph exports it as a loop.
+    """
+    prev = nearest[:, 0]
+    out = [prev]
+    for t in range(1, dist.shape[1]):
+        d = dist[:, t]
+        new = nearest[:, t]
+        extra = d.gather(1, prev.unsqueeze(1)).squeeze(1) - d.gather(1, new.unsqueeze(1)).squeeze(1)
+        prev = torch.where(extra <= slack[:, t], prev, new)
+        out.append(prev)
+    return torch.stack(out, dim=1)
+
+
 class ResidualVQ(nn.Module):
     """Residual vector quantiser with K Euclidean codebooks ``embed`` [K, N, D].
 
     ``encode`` picks, stage by stage, the nearest codeword to what the previous
-    stages left; ``decode`` sums the chosen codewords. In training mode
+    stages left (with ``hysteresis`` > 0 it keeps the previous frame's codeword
+    while that is nearly as near, see :func:`hold_codes`); ``decode`` sums the
+    chosen codewords. In training mode
     ``forward`` updates the codebooks by exponential moving averages of the
     assigned vectors and returns a straight-through output and the commitment
     loss.
@@ -352,6 +381,7 @@ class ResidualVQ(nn.Module):
         self.codebook_size = codebook_size
         self.decay = decay
         self.eps = eps
+        self.hysteresis = 0.0  # an encoding choice, not a weight: set by whoever encodes (train lm, the pack)
         self.register_buffer("embed", torch.randn(n_codebooks, codebook_size, dim) * 0.1)
         self.register_buffer("embed_avg", self.embed.clone())
         self.register_buffer("cluster_size", torch.ones(n_codebooks, codebook_size))
@@ -368,12 +398,26 @@ class ResidualVQ(nn.Module):
         """z [B, D, F] -> codes [B, K, F] (int64)."""
         k = self.n_codebooks if n_codebooks is None else n_codebooks
         b, d, f = z.shape
+        if self.hysteresis > 0:
+            return self._encode_held(z.permute(0, 2, 1), k, self.hysteresis)
         residual = z.permute(0, 2, 1).reshape(b * f, d)
         codes = []
         for i in range(k):
             idx = self._nearest(residual, self.embed[i])
             residual = residual - F.embedding(idx, self.embed[i])
             codes.append(idx.view(b, f))
+        return torch.stack(codes, dim=1)
+
+    def _encode_held(self, residual: torch.Tensor, k: int, margin: float) -> torch.Tensor:
+        """residual [B, F, D] -> codes [B, K, F], each stage's choice held by :func:`hold_codes`."""
+        codes = []
+        for i in range(k):
+            embed = self.embed[i]
+            energy = residual.pow(2).sum(-1)  # [B, F]
+            dist = energy.unsqueeze(-1) - 2 * residual @ embed.t() + embed.pow(2).sum(-1)  # [B, F, N]
+            idx = hold_codes(dist, dist.argmin(-1), margin * energy)
+            residual = residual - F.embedding(idx, embed)
+            codes.append(idx)
         return torch.stack(codes, dim=1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

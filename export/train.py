@@ -119,6 +119,7 @@ CODEC_KINDS = {"spectral": CodecTrainConfig, "seanet": CodecTrainConfig.seanet}
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
                 "envelope_weight": 0.0},
+    "lm": {"hysteresis": 0.0},
 }
 """What a stage's saved config meant for fields it predates: a run resumes and loads as it was trained."""
 
@@ -178,6 +179,7 @@ class LMTrainConfig:
     text_variation: float = 0.5  # fraction of prompts reworded (order, a dropped word)
     corpus_clips: int = 128  # per prompt (16 let the LM learn its clips by heart: cross-entropy 0.1)
     corpus_seconds: float = 8.0
+    hysteresis: float = 0.15  # the quantiser's code hysteresis when encoding the corpus (ResidualVQ.encode)
     text_len: int = 24
     lm: dict[str, Any] = field(
         default_factory=lambda: dict(dim=256, layers=8, heads=8, ffn_dim=1024, positions="rotary")
@@ -743,9 +745,11 @@ def file_digest(path: Path) -> str:
 
 @torch.no_grad()
 def encode_corpus(codec: Codec, cfg: LMTrainConfig, device: torch.device, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The LM corpus: ``codes [N, K, F]`` int16 and ``labels [N]`` (prompt index), seeded by cfg.seed."""
+    """The LM corpus: ``codes [N, K, F]`` int16 and ``labels [N]`` (prompt index), seeded by cfg.seed,
+    encoded with the quantiser's hysteresis at ``cfg.hysteresis``."""
     sr = codec.cfg.sample_rate
     codec = codec.to(device)
+    codec.quantizer.hysteresis = cfg.hysteresis
     codes, labels = [], []
     total = cfg.corpus_clips * len(data.prompts())
     bar = Progress("encode", total, 0, quiet)
@@ -839,7 +843,7 @@ def train_lm(
     state = None
     if ckpt_path.exists() and not fresh:
         state = load_checkpoint(ckpt_path)
-        cfg = resumed(LMTrainConfig(**state["config"]), cfg)
+        cfg = resumed(LMTrainConfig(**saved_config("lm", state["config"])), cfg)
         log.info("resuming the LM from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or LMTrainConfig()
     codec, codec_record = load_codec(codec_checkpoint)
@@ -849,7 +853,7 @@ def train_lm(
                          "pass --fresh to train the LM again on this codec")
 
     prompts = data.prompts()
-    corpus_path = out / f"corpus-{digest}-{cfg.seed}-{cfg.corpus_clips}x{cfg.corpus_seconds:g}s.npz"
+    corpus_path = out / f"corpus-{digest}-{cfg.seed}-{cfg.corpus_clips}x{cfg.corpus_seconds:g}s-h{cfg.hysteresis:g}.npz"
     if corpus_path.exists():
         with np.load(corpus_path) as z:
             codes, labels = z["codes"], z["labels"]
@@ -943,7 +947,8 @@ def export_pack(
     if lm_record["codec_digest"] != file_digest(Path(codec_checkpoint)):
         raise TrainError(f"{lm_checkpoint} was trained on another codec than {codec_checkpoint}; "
                          "train the LM again (`cicada train lm --fresh`)")
-    cfg = LMTrainConfig(**lm_record["config"])
+    cfg = LMTrainConfig(**saved_config("lm", lm_record["config"]))
+    codec.quantizer.hysteresis = cfg.hysteresis  # the pack's encoder makes the tokens the LM learned
     lm_record = {k: v for k, v in lm_record.items() if k != "codec_record"}
     training = dict(
         codec=dataclasses.asdict(codec.cfg),
@@ -1014,7 +1019,7 @@ def run_cli(args: Any) -> int:
     if args.stage in ("lm", "all"):
         out = args.runs / "lm" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
-        cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips"))
+        cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips", "hysteresis"))
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         print(f"lm: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from export.codec import Codec, CodecConfig, PaddedConv1d, ResidualVQ, TrimmedConvTranspose1d, pad1d
+from export.codec import Codec, CodecConfig, PaddedConv1d, ResidualVQ, TrimmedConvTranspose1d, hold_codes, pad1d
 
 
 def tiny(**kw: object) -> CodecConfig:
@@ -105,6 +105,37 @@ def test_rvq_encode_decode_residual() -> None:
     # more stages never leave a larger residual on average
     errs = [(z - vq.decode(codes[:, :k])).pow(2).mean().item() for k in (1, 2, 3)]
     assert errs[0] >= errs[1] - 1e-6 >= errs[2] - 2e-6
+
+
+def test_hold_codes_keeps_a_near_code_and_follows_a_real_change() -> None:
+    # two codewords on a line at 0 and 1; the latent sits near 0.5 with one-frame wobbles, then moves to 1
+    embed = torch.tensor([[0.0], [1.0]])
+    x = torch.tensor([0.45, 0.55, 0.45, 0.52, 0.48, 0.95, 0.97])[None, :, None]  # [B, F, D]
+    dist = (x - embed.t()[None]).pow(2)  # [B, F, N]
+    nearest = dist.argmin(-1)
+    assert nearest.tolist() == [[0, 1, 0, 1, 0, 1, 1]]  # the flicker
+    held = hold_codes(dist, nearest, 0.4 * x.squeeze(-1).pow(2))
+    assert held.tolist() == [[0, 0, 0, 0, 0, 1, 1]]  # steady until the latent really moves
+    assert torch.equal(hold_codes(dist, nearest, torch.zeros(1, 7)), nearest)
+
+
+def test_rvq_hysteresis_steadies_codes_and_stays_within_its_margin() -> None:
+    torch.manual_seed(0)
+    vq = ResidualVQ(dim=8, n_codebooks=3, codebook_size=32)
+    drift = torch.randn(2, 8, 1) + 0.3 * torch.randn(2, 8, 40)  # a steady latent with frame-to-frame noise
+    nearest = vq.encode(drift)
+    vq.hysteresis = 0.3
+    held = vq.encode(drift)
+    switches = [(c[..., 1:] != c[..., :-1]).sum().item() for c in (nearest, held)]
+    assert switches[1] < 0.7 * switches[0]
+    assert torch.equal(held[:, :, 0], nearest[:, :, 0])  # nothing to hold on the first frame
+    # a held first-stage code is never more than the margin farther than the nearest one
+    z = drift.permute(0, 2, 1)
+    d = (z.unsqueeze(-2) - vq.embed[0]).pow(2).sum(-1)  # [B, F, N]
+    extra = d.gather(-1, held[:, 0, :, None])[..., 0] - d.min(-1).values
+    assert (extra <= 0.3 * z.pow(2).sum(-1) + 1e-5).all()
+    vq.hysteresis = 0.0
+    assert torch.equal(vq.encode(drift), nearest)
 
 
 def test_training_forward_straight_through_and_ema() -> None:

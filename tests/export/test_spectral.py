@@ -175,6 +175,28 @@ def test_encoder_graph_exports(tmp_path: Path) -> None:
     assert (codes == expect.numpy()).mean() > 0.99  # a float tie may flip a code
 
 
+def test_encoder_graph_exports_the_code_hysteresis_as_a_loop(tmp_path: Path) -> None:
+    import onnx
+
+    codec = random_codec(tiny(), seed=2)
+    graph = EncoderGraph(codec, seconds=0.3)
+    torch.manual_seed(3)
+    audio = 0.3 * torch.randn(graph.spec.inputs[0].shape)
+    with torch.no_grad():  # codebooks seeded from the latents of this noise, as training starts them
+        z = codec.encoder(audio)
+        codec.quantizer._init_from(z.permute(0, 2, 1).reshape(-1, z.shape[1]))
+    codec.quantizer.hysteresis = 0.5
+    path = export_graph(graph.eval(), graph.example_inputs(), graph.spec, tmp_path / "encoder.onnx")
+    assert "Loop" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    (codes,) = run_onnx(ort_session(path), graph.spec, [audio])
+    with torch.no_grad():
+        held = codec.encode(audio)
+        codec.quantizer.hysteresis = 0.0
+        nearest = codec.encode(audio)
+    assert (codes == held.numpy()).mean() > 0.99
+    assert not torch.equal(held, nearest)  # the margin did change codes here
+
+
 def test_config_checks() -> None:
     with pytest.raises(ValueError, match="hop must be even"):
         tiny(hop=33)

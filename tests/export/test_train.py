@@ -131,7 +131,8 @@ def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     assert train.saved_config("decoder", {"steps": 5})["stereo_phase"] == "independent"
     assert train.saved_config("decoder", {"steps": 5})["flux_weight"] == 0.0
     assert train.saved_config("decoder", {"stereo_phase": "linked"})["stereo_phase"] == "linked"
-    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5}
+    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5, "hysteresis": 0.0}  # LMs before held codes
+    assert train.saved_config("lm", {"hysteresis": 0.15})["hysteresis"] == 0.15
 
 
 def test_spectral_loss_is_zero_for_equal_audio_and_grows_with_error() -> None:
@@ -199,6 +200,9 @@ def test_exported_pack_runs_and_its_encoder_matches_torch(runs: Path, tmp_path: 
     assert tr["lm_training"]["device"].startswith("cpu")
 
     codec, _ = train.load_codec(runs / "codec" / train.CHECKPOINT)
+    # the pack's encoder holds codes as the LM's corpus did (the recipe's default hysteresis)
+    assert tr["lm_training"]["config"]["hysteresis"] == train.LMTrainConfig.hysteresis == 0.15
+    codec.quantizer.hysteresis = 0.15
     from export.data import synth
 
     clip = synth(5, 1.0, seed=3)
@@ -282,11 +286,15 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     codec, record = train.load_codec(tmp_path / "c" / train.CHECKPOINT)
     assert type(codec).__name__ == "SpectralCodec" and record["config"]["segment"] == 0.8  # the default kind
     assert main(["train", "lm", "--codec", str(tmp_path / "c" / train.CHECKPOINT), "--corpus-clips", "2",
-                 "--steps", "1", "--batch", "1", "--threads", "1", "--out", str(tmp_path / "lm")]) == 0
+                 "--hysteresis", "0.2", "--steps", "1", "--batch", "1", "--threads", "1", "--out", str(tmp_path / "lm")]) == 0
     assert "lm: step 1" in capsys.readouterr().out
     record = torch.load(tmp_path / "lm" / train.CHECKPOINT, weights_only=False)["record"]
     assert record["config"]["corpus_clips"] == 2 and record["corpus"]["clips"] == 2 * 22
-    assert len(list((tmp_path / "lm").glob("corpus-*-0-2x8s.npz"))) == 1
+    assert record["config"]["hysteresis"] == 0.2
+    assert len(list((tmp_path / "lm").glob("corpus-*-0-2x8s-h0.2.npz"))) == 1
+    with pytest.raises(SystemExit):
+        main(["train", "lm", "--hysteresis", "1.5"])
+    assert "--hysteresis: must be at least 0 and below 1" in capsys.readouterr().err
     assert main(["train", "codec", "--kind", "seanet", "--steps", "1", "--batch", "1", "--threads", "1",
                  "--out", str(tmp_path / "s")]) == 0
     assert "codec: step 1" in capsys.readouterr().out
