@@ -459,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus-clips", type=_positive(int), default=None,
                    help="corpus clips per prompt, encoded once and cached (default: the stage's)")
     p.add_argument("--hysteresis", type=_fraction, default=None,
-                   help="keep a frame's previous code while it is this near, as a fraction of the residual's "
-                        "energy (default 0.15; 0 = always the nearest code)")
+                   help="encode the corpus keeping a frame's previous code while it is this near, as a fraction "
+                        "of the residual's energy (default 0: always the nearest code; see docs/training.md)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("decoder", parents=[run],
                        help="fine-tune the codec's decoder on its frozen tokens (the LM stays valid)")

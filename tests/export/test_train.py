@@ -28,7 +28,7 @@ def tiny_seanet_cfg(steps: int) -> train.CodecTrainConfig:
 
 def tiny_lm_cfg(steps: int) -> train.LMTrainConfig:
     cfg = train.LMTrainConfig(steps=steps, batch=4, frames=20, context=12, warmup=2, lr=3e-3,
-                              corpus_clips=1, corpus_seconds=0.6, text_len=20)
+                              corpus_clips=1, corpus_seconds=0.6, text_len=20, hysteresis=0.15)
     cfg.lm.update(dim=32, layers=2, heads=2, ffn_dim=64)
     cfg.text.update(dim=32, layers=1, heads=2, ffn_dim=64)
     return cfg
@@ -131,8 +131,7 @@ def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     assert train.saved_config("decoder", {"steps": 5})["stereo_phase"] == "independent"
     assert train.saved_config("decoder", {"steps": 5})["flux_weight"] == 0.0
     assert train.saved_config("decoder", {"stereo_phase": "linked"})["stereo_phase"] == "linked"
-    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5, "hysteresis": 0.0}  # LMs before held codes
-    assert train.saved_config("lm", {"hysteresis": 0.15})["hysteresis"] == 0.15
+    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5}
 
 
 def test_spectral_loss_is_zero_for_equal_audio_and_grows_with_error() -> None:
@@ -200,8 +199,8 @@ def test_exported_pack_runs_and_its_encoder_matches_torch(runs: Path, tmp_path: 
     assert tr["lm_training"]["device"].startswith("cpu")
 
     codec, _ = train.load_codec(runs / "codec" / train.CHECKPOINT)
-    # the pack's encoder holds codes as the LM's corpus did (the recipe's default hysteresis)
-    assert tr["lm_training"]["config"]["hysteresis"] == train.LMTrainConfig.hysteresis == 0.15
+    # the pack's encoder holds codes as the LM's corpus did
+    assert tr["lm_training"]["config"]["hysteresis"] == 0.15
     codec.quantizer.hysteresis = 0.15
     from export.data import synth
 
