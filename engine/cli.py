@@ -11,9 +11,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine import pack as packfmt
 
@@ -316,27 +316,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return v
-
-
-def _positive(kind: type):
+def _number(kind: type, ok: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)`` where ``ok`` holds, else an error saying ``must be {rule}``."""
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return v
 
     return parse
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    return _number(kind, lambda v: v > 0, "> 0")
+
+
+_fraction = _number(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -388,11 +388,14 @@ class ResidualVQ(nn.Module):
         self.register_buffer("inited", torch.zeros((), dtype=torch.bool))
 
     @staticmethod
+    def _distances(x: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """x [..., D], embed [N, D] -> squared distances [..., N] to every codeword."""
+        return x.pow(2).sum(-1, keepdim=True) - 2 * x @ embed.t() + embed.pow(2).sum(-1)
+
+    @staticmethod
     def _nearest(x: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         """x [M, D], embed [N, D] -> index [M] of the nearest codeword."""
-        et = embed.t()
-        score = -(x.pow(2).sum(1, keepdim=True) - 2 * x @ et + et.pow(2).sum(0, keepdim=True))
-        return score.max(dim=-1).indices
+        return ResidualVQ._distances(x, embed).argmin(dim=-1)
 
     def encode(self, z: torch.Tensor, n_codebooks: int | None = None) -> torch.Tensor:
         """z [B, D, F] -> codes [B, K, F] (int64)."""
@@ -413,9 +416,8 @@ class ResidualVQ(nn.Module):
         codes = []
         for i in range(k):
             embed = self.embed[i]
-            energy = residual.pow(2).sum(-1)  # [B, F]
-            dist = energy.unsqueeze(-1) - 2 * residual @ embed.t() + embed.pow(2).sum(-1)  # [B, F, N]
-            idx = hold_codes(dist, dist.argmin(-1), margin * energy)
+            dist = self._distances(residual, embed)  # [B, F, N]
+            idx = hold_codes(dist, dist.argmin(-1), margin * residual.pow(2).sum(-1))
             residual = residual - F.embedding(idx, embed)
             codes.append(idx)
         return torch.stack(codes, dim=1)
