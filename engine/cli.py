@@ -452,13 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("lm", parents=[run], help="the LM and text encoder on the codec's tokens (resumable)")
     p.add_argument("--out", type=Path, default=root / "lm", help="run folder (default out/train/lm)")
-    p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
+    p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt",
+                   help="codec checkpoint, or a pack folder whose encoder.onnx makes the tokens (e.g. packs/default)")
     p.add_argument("--context", type=_positive(int), default=None, help="ring-cache frames of the pack (default 150)")
     p.add_argument("--corpus-clips", type=_positive(int), default=None,
                    help="corpus clips per prompt, encoded once and cached (default: the stage's)")
     p.add_argument("--hysteresis", type=_fraction, default=None,
                    help="encode the corpus keeping a frame's previous code while it is this near, as a fraction "
                         "of the residual's energy (default 0: always the nearest code; see docs/training.md)")
+    p.add_argument("--context-noise", type=_fraction, default=None,
+                   help="replace this fraction of the LM's input codes by random ones while training, so that it "
+                        "leans on the prompt more than on its own context (default 0)")
+    p.add_argument("--text-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the pooled prompt to every frame's input, besides cross-attention (default off)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("decoder", parents=[run],
                        help="fine-tune the codec's decoder on its frozen tokens (the LM stays valid)")
@@ -467,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
-    p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
+    p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt",
+                   help="codec checkpoint, or the pack folder the LM was trained on (its decoder and encoder "
+                        "are kept; --out may be that folder, with --force)")
     p.add_argument("--lm", type=Path, default=root / "lm" / "checkpoint.pt", help="LM checkpoint")
     p.add_argument("--decoder", type=Path, default=None,
                    help="a `cicada train decoder` checkpoint whose decoder replaces the codec's")

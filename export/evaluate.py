@@ -717,6 +717,35 @@ def _output_stage(audio: np.ndarray, sample_rate: int, block: int = 640) -> np.n
                            for s in range(0, audio.shape[1], block)], axis=1)
 
 
+def pack_encoder(pack: Any, threads: int = 1) -> Callable[..., np.ndarray] | None:
+    """The pack's tokenizer of audio, ``clip [C, N] float32 -> codes [K, ceil(N / hop)]`` int64, or None
+    without ``encoder.onnx``.
+
+    ``pack`` is an :class:`engine.pack.Pack`. The encoder graph has a fixed
+    length: a shorter clip is zero-padded at the end (its codes are unchanged,
+    the encoder being causal), a longer one is refused. ``encode(clip, whole=True)``
+    returns every frame of the graph's length instead.
+    """
+    from engine.lm import session_options
+
+    if pack.encoder is None:
+        return None
+    session = pack.session(pack.encoder, session_options(threads))
+    capacity = pack.encoder.input("audio").shape[-1]
+    hop = pack.audio.hop_length
+
+    def encode(clip: np.ndarray, whole: bool = False) -> np.ndarray:
+        c, n = clip.shape
+        if n > capacity:
+            raise ValueError(f"clip of {n} samples is longer than the pack encoder's {capacity}")
+        audio = np.zeros((1, c, capacity), np.float32)
+        audio[0, :, :n] = clip
+        codes = session.run(["codes"], {"audio": audio})[0][0]
+        return codes if whole else codes[:, : -(-n // hop)]
+
+    return encode
+
+
 def pack_reconstructor(pack_dir: str | os.PathLike[str]) -> Reconstructor | None:
     """The pack's codec round trip ``clip [C, N] -> reconstruction [C, N']``, or None without ``encoder.onnx``.
 
@@ -728,23 +757,17 @@ def pack_reconstructor(pack_dir: str | os.PathLike[str]) -> Reconstructor | None
     """
     from engine import pack as packfmt
     from engine.codec import DecoderSession
-    from engine.lm import session_options
 
     pack = packfmt.load(pack_dir)
-    if pack.encoder is None:
+    encode = pack_encoder(pack)
+    if encode is None:
         return None
-    encoder = pack.session(pack.encoder, session_options(1))
     decoder = DecoderSession(pack)
-    capacity = pack.encoder.input("audio").shape[-1]
     hop, fps = pack.audio.hop_length, decoder.frames_per_step
 
     def reconstruct(clip: np.ndarray) -> np.ndarray:
-        c, n = clip.shape
-        if n > capacity:
-            raise ValueError(f"clip of {n} samples is longer than the pack encoder's {capacity}")
-        audio = np.zeros((1, c, capacity), np.float32)
-        audio[0, :, :n] = clip
-        codes = encoder.run(["codes"], {"audio": audio})[0]
+        n = clip.shape[1]
+        codes = encode(clip, whole=True)[None]
         frames = -(-n // hop)
         frames = -(-frames // fps) * fps  # whole decoder steps
         if frames > codes.shape[-1]:  # the last step reaches past the encoder's length: repeat its last frame

@@ -70,6 +70,7 @@ class LMConfig:
     bias: bool = False
     scale_embedding: bool = False
     cross_attention: bool = True
+    text_input: bool = False  # also add the pooled text to every frame's input (see LM.text_offset)
 
     def __post_init__(self) -> None:
         if self.cross_dim is None:
@@ -82,6 +83,8 @@ class LMConfig:
             raise ValueError(f"LMConfig.dim={self.dim} is not divisible by heads={self.heads}")
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        if self.text_input and not self.cross_attention:
+            raise ValueError("LMConfig.text_input needs cross_attention: the pooled text is read from it")
         if self.positions == "sinusoidal" and (self.dim % 2 or self.dim < 4):
             raise ValueError(f"sinusoidal positions need an even dim >= 4, got {self.dim}")
 
@@ -274,6 +277,8 @@ class LM(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=cfg.bias) for _ in range(cfg.n_codebooks)])
         if cfg.positions == "sinusoidal":
             self.register_buffer("inv_freq", sinusoidal_inv_freq(cfg.dim), persistent=False)
+        if cfg.text_input:
+            self.text_in = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     # -- pieces shared by the full forward and the step graph
 
@@ -297,6 +302,22 @@ class LM(nn.Module):
             raise ValueError("this LM has no cross-attention")
         ks, vs = zip(*(layer.cross_attn.keys_values(cross) for layer in self.layers))
         return torch.stack(ks), torch.stack(vs)
+
+    def text_offset(self, cross_v0: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
+        """The pooled text added to every frame's input when ``cfg.text_input``: ``[B, 1, D]``.
+
+        ``cross_v0 [B, H, Tc, Dh]`` are layer 0's cross-attention values and
+        ``cmask [B, 1, 1, Tc]`` the additive text mask. ``softmax(cmask)`` is
+        the mean over the valid text positions, so the offset is
+        ``text_in(v_proj_0(mean of the text's hidden states))`` and needs no
+        graph input beyond those the step already has; the null condition
+        (zero values) gives zero. Cross-attention alone let the LM follow its
+        own context rather than the prompt (docs/training.md, "Held codes");
+        this puts the prompt in every frame's input.
+        """
+        b, h, _, dh = cross_v0.shape
+        pooled = torch.matmul(torch.softmax(cmask, dim=-1), cross_v0)  # [B, H, 1, Dh]
+        return self.text_in(pooled.reshape(b, 1, h * dh))
 
     # -- full sequence
 
@@ -340,6 +361,8 @@ class LM(nn.Module):
             if cross_mask is None:
                 cross_mask = torch.ones(cross.shape[:2], device=cross.device)
             cmask = additive_mask(cross_mask)[:, None, None, :]
+            if cfg.text_input:
+                x = x + self.text_offset(cv[0], cmask)
         for li, layer in enumerate(self.layers):
             att = layer.self_attn
             h = layer.self_attn_norm(x)
@@ -533,6 +556,8 @@ class LMStep(nn.Module):
         mask = torch.cat([x_in["cache_mask"], torch.zeros_like(x_in["cache_mask"][:, :1])], dim=-1)[:, None, None]
         s = mask.shape[-1] - 1
         cmask = x_in["cross_mask"][:, None, None, :] if cfg.cross_attention else None
+        if cfg.text_input:
+            x = x + lm.text_offset(x_in["cross_v_0"], cmask)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
         for li, layer in enumerate(lm.layers):

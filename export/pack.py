@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,31 +91,16 @@ def build_pack(
     dim, rope_theta).
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o777 & ~packfmt.current_umask())  # mkdtemp makes it private; a pack is an ordinary folder
+    tmp = _staging(out, overwrite)
     try:
         with torch.no_grad():
             _export(decoder_step.eval(), decoder_step.spec, decoder_step.example_inputs(), tmp / "decoder.onnx",
                     "decoder step", float16)
-            _export(conditioner.eval(), conditioner.spec, conditioner.example_inputs(), tmp / "conditioner.onnx",
-                    "conditioner", float16)
-            lm_file = tmp / "lm.onnx"
-            _export(lm_step.eval(), lm_step.spec, lm_step.example_inputs(), lm_file, "LM step")
-            if spec.quantize == "int8":
-                fp32 = tmp / "lm.fp32.onnx"
-                lm_file.rename(fp32)
-                quantize_int8(fp32, lm_file)
-                fp32.unlink()
-            elif spec.quantize != "none":
-                raise ValueError(f"--quantize {spec.quantize!r}: choose none or int8")
+            text_side = _export_text_side(tmp, spec, lm_step, conditioner, tokenizer_file, lm_meta, float16)
             if encoder is not None:
                 # its analysis basis feeds a logarithm: kept float32 (store_float16)
                 _export(encoder.eval(), encoder.spec, encoder.example_inputs(), tmp / "encoder.onnx", "encoder",
                         float16, float16_constants=False)
-        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
 
         doc: dict[str, Any] = {
             "format": packfmt.FORMAT_VERSION,
@@ -139,21 +125,7 @@ def build_pack(
                 "causal": int(decoder_step.lookahead_samples) == 0,
                 **_tensor_table(decoder_step.spec),
             },
-            "lm": {
-                "file": "lm.onnx",
-                "context": spec.context,
-                "batch": 2,
-                "quantization": spec.quantize,
-                **lm_meta,
-                **_tensor_table(lm_step.spec),
-            },
-            "conditioner": {
-                "file": "conditioner.onnx",
-                "tokenizer": "tokenizer.json",
-                "max_tokens": spec.text_len,
-                **_tensor_table(conditioner.spec),
-            },
-            "prompts": {"known": list(spec.prompts)},
+            **text_side,
         }
         if encoder is not None:
             doc["encoder"] = {"file": "encoder.onnx", **_tensor_table(encoder.spec)}
@@ -163,15 +135,112 @@ def build_pack(
             doc["source"] = spec.source
         if spec.training:
             doc["training"] = spec.training
-        packfmt.write_manifest(tmp, doc)
-        packfmt.load(tmp)  # refuse to hand over anything the engine would refuse
-
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        return _publish(tmp, out, doc)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_lm(
+    base: str | Path,
+    out: str | Path,
+    *,
+    lm_step: nn.Module,
+    conditioner: nn.Module,
+    tokenizer_file: str | Path,
+    lm_meta: dict[str, Any],
+    prompts: list[str],
+    context: int,
+    text_len: int,
+    quantize: str = "none",
+    float16: bool = False,
+    training: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> packfmt.Pack:
+    """A pack with ``base``'s codec graphs (decoder, encoder) and a new LM, conditioner and tokenizer.
+
+    What ``cicada train pack --codec PACK`` writes for an LM trained on a pack's own tokens
+    (``cicada train lm --codec PACK``). The manifest keeps ``base``'s audio, codebook, decoder and encoder
+    tables and its sampling; ``training`` entries replace or add to its ``[training]``. ``out`` may be
+    ``base`` itself (with ``overwrite``): the new pack is staged beside it and renamed into place.
+    """
+    base_pack = packfmt.load(base)
+    doc = tomllib.loads((base_pack.path / packfmt.MANIFEST).read_text())
+    spec = PackSpec(name=doc["name"], description=doc["description"], sample_rate=base_pack.audio.sample_rate,
+                    channels=base_pack.audio.channels, hop_length=base_pack.audio.hop_length,
+                    n_codebooks=base_pack.codebooks.count, cardinality=base_pack.codebooks.cardinality,
+                    delays=list(base_pack.codebooks.delays), prompts=prompts, context=context, text_len=text_len,
+                    quantize=quantize)
+    tmp = _staging(Path(out), overwrite)
+    try:
+        for name in ("decoder", "encoder"):
+            if name in doc:
+                shutil.copyfile(base_pack.path / doc[name]["file"], tmp / doc[name]["file"])
+        with torch.no_grad():
+            doc.update(_export_text_side(tmp, spec, lm_step, conditioner, tokenizer_file, lm_meta, float16))
+        doc["training"] = {**doc.get("training", {}), **(training or {})}
+        if source:
+            doc["source"] = {**doc.get("source", {}), **source}
+        return _publish(tmp, Path(out), doc)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _staging(out: Path, overwrite: bool) -> Path:
+    """An empty private sibling folder of ``out`` to build the pack in (``out`` itself is refused if it has
+    files and ``overwrite`` is off)."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o777 & ~packfmt.current_umask())  # mkdtemp makes it private; a pack is an ordinary folder
+    return tmp
+
+
+def _export_text_side(tmp: Path, spec: PackSpec, lm_step: nn.Module, conditioner: nn.Module,
+                      tokenizer_file: str | Path, lm_meta: dict[str, Any], float16: bool) -> dict[str, Any]:
+    """Export the LM step (quantized as ``spec.quantize`` says) and the conditioner into ``tmp``, copy the
+    tokenizer; returns the manifest's ``lm``, ``conditioner`` and ``prompts`` tables."""
+    _export(conditioner.eval(), conditioner.spec, conditioner.example_inputs(), tmp / "conditioner.onnx",
+            "conditioner", float16)
+    lm_file = tmp / "lm.onnx"
+    _export(lm_step.eval(), lm_step.spec, lm_step.example_inputs(), lm_file, "LM step")
+    if spec.quantize == "int8":
+        fp32 = tmp / "lm.fp32.onnx"
+        lm_file.rename(fp32)
+        quantize_int8(fp32, lm_file)
+        fp32.unlink()
+    elif spec.quantize != "none":
+        raise ValueError(f"--quantize {spec.quantize!r}: choose none or int8")
+    shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+    return {
+        "lm": {
+            "file": "lm.onnx",
+            "context": spec.context,
+            "batch": 2,
+            "quantization": spec.quantize,
+            **lm_meta,
+            **_tensor_table(lm_step.spec),
+        },
+        "conditioner": {
+            "file": "conditioner.onnx",
+            "tokenizer": "tokenizer.json",
+            "max_tokens": spec.text_len,
+            **_tensor_table(conditioner.spec),
+        },
+        "prompts": {"known": list(spec.prompts)},
+    }
+
+
+def _publish(tmp: Path, out: Path, doc: dict[str, Any]) -> packfmt.Pack:
+    """Write ``doc`` as ``tmp``'s manifest, check ``tmp`` as the engine would, then rename it to ``out``."""
+    packfmt.write_manifest(tmp, doc)
+    packfmt.load(tmp)  # refuse to hand over anything the engine would refuse
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return packfmt.load(out)
 
 

@@ -117,6 +117,7 @@ class CodecTrainConfig:
 CODEC_KINDS = {"spectral": CodecTrainConfig, "seanet": CodecTrainConfig.seanet}
 
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lm": {"context_noise": 0.0},
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
                 "envelope_weight": 0.0},
 }
@@ -175,6 +176,8 @@ class LMTrainConfig:
     warmup: int = 100
     weight_decay: float = 0.05
     cfg_dropout: float = 0.1  # fraction of sequences trained unconditioned (for guidance)
+    context_noise: float = 0.0  # fraction of the input tokens replaced by random codes (targets stay clean):
+    # the LM learns not to trust one odd token of its own context, and to lean on the prompt
     text_variation: float = 0.5  # fraction of prompts reworded (order, a dropped word)
     corpus_clips: int = 128  # per prompt (16 let the LM learn its clips by heart: cross-entropy 0.1)
     corpus_seconds: float = 8.0
@@ -743,19 +746,78 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
-def encode_corpus(codec: Codec, cfg: LMTrainConfig, device: torch.device, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The LM corpus: ``codes [N, K, F]`` int16 and ``labels [N]`` (prompt index), seeded by cfg.seed,
-    encoded with the quantiser's hysteresis at ``cfg.hysteresis``."""
-    sr = codec.cfg.sample_rate
+@dataclass
+class TokenSource:
+    """What turns the corpus's audio into the LM's tokens: a codec checkpoint, or a pack's ``encoder.onnx``.
+
+    ``encode(clip [C, N] float32) -> codes [K, F]``. ``digest`` names the
+    exact file (the LM records it, and ``cicada train pack`` refuses an LM
+    made on other tokens); ``record`` is the codec's training record.
+    """
+
+    path: Path
+    encode: Callable[[np.ndarray], np.ndarray]
+    sample_rate: int
+    n_codebooks: int
+    codebook_size: int
+    digest: str
+    record: dict[str, Any]
+    pack: bool
+
+
+def is_pack(path: str | Path) -> bool:
+    """Whether ``path`` is a pack folder (it holds a manifest) rather than a checkpoint file."""
+    return Path(path).is_dir() and (Path(path) / "manifest.toml").is_file()
+
+
+def token_source(path: str | Path, hysteresis: float = 0.0, device: torch.device | None = None) -> TokenSource:
+    """The tokens of a codec checkpoint (encoded in PyTorch with the quantiser's ``hysteresis``) or of a
+    pack folder (its ``encoder.onnx`` in ONNX Runtime, which fixes how codes are chosen)."""
+    path = Path(path)
+    if is_pack(path):
+        from engine import pack as packfmt
+        from export.evaluate import pack_encoder
+
+        try:
+            pack = packfmt.load(path)
+        except packfmt.PackError as exc:
+            raise TrainError(str(exc)) from exc
+        encode = pack_encoder(pack, threads=max(1, torch.get_num_threads()))
+        if encode is None:
+            raise TrainError(f"{path}: the pack has no encoder.onnx, so the corpus cannot be turned into its "
+                             "tokens; pass a codec checkpoint (`cicada train codec`) as --codec")
+        if hysteresis:
+            raise TrainError(f"--hysteresis {hysteresis:g} needs a codec checkpoint: {path}'s encoder graph "
+                             "fixes how its codes are chosen")
+        codec_record = pack.info.get("training", {}).get("codec_training", {})
+        record = dict(codec_record, pack=str(path), pack_name=pack.name)
+        return TokenSource(path, encode, pack.audio.sample_rate, pack.codebooks.count, pack.codebooks.cardinality,
+                           file_digest(pack.encoder.file), record, pack=True)
+    if not path.exists():
+        raise TrainError(f"{path}: no codec checkpoint; run `cicada train codec` first, or pass a pack folder "
+                         "(--codec packs/default) to train on its tokens")
+    codec, record = load_codec(path)
+    device = device or torch.device("cpu")
     codec = codec.to(device)
-    codec.quantizer.hysteresis = cfg.hysteresis
+    codec.quantizer.hysteresis = hysteresis
+
+    @torch.no_grad()
+    def encode(clip: np.ndarray) -> np.ndarray:
+        return codec.encode(torch.from_numpy(clip)[None].to(device))[0].cpu().numpy()
+
+    c = codec.cfg
+    return TokenSource(path, encode, c.sample_rate, c.n_codebooks, c.codebook_size, file_digest(path), record,
+                       pack=False)
+
+
+def encode_corpus(tokens: TokenSource, cfg: LMTrainConfig, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The LM corpus: ``codes [N, K, F]`` int16 and ``labels [N]`` (prompt index), seeded by cfg.seed."""
     codes, labels = [], []
     total = cfg.corpus_clips * len(data.prompts())
     bar = Progress("encode", total, 0, quiet)
-    for i, (idx, clip) in enumerate(data.corpus(cfg.seed + 2000, cfg.corpus_clips, cfg.corpus_seconds, sr)):
-        wav = torch.from_numpy(dither(clip, np.random.default_rng(i)))[None].to(device)
-        codes.append(codec.encode(wav)[0].to(torch.int16).cpu().numpy())
+    for i, (idx, clip) in enumerate(data.corpus(cfg.seed + 2000, cfg.corpus_clips, cfg.corpus_seconds,
+                                                tokens.sample_rate)):
+        codes.append(tokens.encode(dither(clip, np.random.default_rng(i))).astype(np.int16))
         labels.append(idx)
         bar.update(i + 1, {})
     bar.close()
@@ -796,19 +858,34 @@ def lm_batch(
     return torch.from_numpy(crop), texts
 
 
+def corrupt(inputs: torch.Tensor, fraction: float, card: int, rng: np.random.Generator) -> torch.Tensor:
+    """``inputs [B, K, T]`` with about ``fraction`` of its codes (never the special token ``card``)
+    replaced by uniformly random codes ``0..card-1``."""
+    if fraction <= 0:
+        return inputs
+    hit = torch.from_numpy(rng.random(tuple(inputs.shape)) < fraction).to(inputs.device) & (inputs != card)
+    noise = torch.from_numpy(rng.integers(0, card, tuple(inputs.shape))).to(inputs.device)
+    return torch.where(hit, noise, inputs)
+
+
 def lm_loss(
-    lm: LM, text: TextEncoder, tok: WordTokenizer, codes: torch.Tensor, texts: list[str], window: int
+    lm: LM, text: TextEncoder, tok: WordTokenizer, codes: torch.Tensor, texts: list[str], window: int,
+    noise: float = 0.0, rng: np.random.Generator | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Next-column cross-entropy on the delayed grid; returns (mean loss, per-codebook losses).
 
-    Input is the grid shifted right by one all-special column; targets equal
-    to the special token (the delay pattern's fill) are ignored.
+    Input is the grid shifted right by one all-special column, with a
+    ``noise`` fraction of its codes made random (:func:`corrupt`, drawn from
+    ``rng``); targets are the clean grid, and those equal to the special
+    token (the delay pattern's fill) are ignored.
     """
     special = lm.cfg.special
     delays = list(range(lm.cfg.n_codebooks))
     grid = apply_delay(codes, delays, special)  # [B, K, F + D]
     bos = torch.full_like(grid[:, :, :1], special)
     inputs = torch.cat([bos, grid[:, :, :-1]], dim=-1)
+    if noise > 0:
+        inputs = corrupt(inputs, noise, special, rng if rng is not None else np.random.default_rng())
     tokens, mask = tok(texts)
     tokens, mask = tokens.to(codes.device), mask.to(codes.device)
     empty = torch.tensor([not t for t in texts], device=codes.device)
@@ -833,12 +910,13 @@ def train_lm(
     quiet: bool = False,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) the LM and text encoder on the codec's tokens; returns the record."""
+    """Train (or resume) the LM and text encoder on the codec's tokens; returns the record.
+
+    ``codec_checkpoint`` is a ``cicada train codec`` checkpoint or a pack folder, whose ``encoder.onnx``
+    then makes the tokens (:func:`token_source`).
+    """
     out = Path(out)
     ckpt_path = out / CHECKPOINT
-    codec_checkpoint = Path(codec_checkpoint)
-    if not codec_checkpoint.exists():
-        raise TrainError(f"{codec_checkpoint}: no codec checkpoint; run `cicada train codec` first")
     dev = pick_device(device)
     state = None
     if ckpt_path.exists() and not fresh:
@@ -846,8 +924,8 @@ def train_lm(
         cfg = resumed(LMTrainConfig(**saved_config("lm", state["config"])), cfg)
         log.info("resuming the LM from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or LMTrainConfig()
-    codec, codec_record = load_codec(codec_checkpoint)
-    digest = file_digest(codec_checkpoint)
+    tokens = token_source(codec_checkpoint, cfg.hysteresis, dev)
+    digest = tokens.digest
     if state is not None and state["codec_digest"] != digest:
         raise TrainError(f"{ckpt_path} was trained on the tokens of another codec than {codec_checkpoint}; "
                          "pass --fresh to train the LM again on this codec")
@@ -859,7 +937,7 @@ def train_lm(
         with np.load(corpus_path) as z:
             codes, labels = z["codes"], z["labels"]
     else:
-        codes, labels = encode_corpus(codec, cfg, dev, quiet)
+        codes, labels = encode_corpus(tokens, cfg, quiet)
         write_atomic(corpus_path, lambda fh: np.savez(fh, codes=codes, labels=labels))
     if codes.shape[-1] < cfg.frames:
         raise TrainError(f"corpus clips have {codes.shape[-1]} frames, fewer than --frames {cfg.frames}")
@@ -867,7 +945,7 @@ def train_lm(
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
     tok = WordTokenizer.build(prompts, length=cfg.text_len)
-    lcfg = LMConfig(n_codebooks=codec.cfg.n_codebooks, card=codec.cfg.codebook_size, **cfg.lm)
+    lcfg = LMConfig(n_codebooks=tokens.n_codebooks, card=tokens.codebook_size, **cfg.lm)
     lm = LM(lcfg).to(dev).train()
     text = TextEncoder(TextEncoderConfig(vocab_size=tok.vocab_size, max_len=cfg.text_len, **cfg.text)).to(dev).train()
     params = list(lm.parameters()) + list(text.parameters())
@@ -883,7 +961,7 @@ def train_lm(
         loop.step, loop.elapsed, loop.smooth.values = state["step"], state["elapsed"], state["losses"]
     record = dict(stage="lm", config=dataclasses.asdict(cfg), device=device_record(dev),
                   command=command or "cicada train lm", commit=git_commit(), codec_digest=digest,
-                  codec_record=codec_record, corpus=dict(clips=int(len(codes)), frames=int(codes.shape[-1])))
+                  codec_record=tokens.record, **({"codec_pack": str(tokens.path)} if tokens.pack else {}), corpus=dict(clips=int(len(codes)), frames=int(codes.shape[-1])))
 
     def checkpoint() -> None:
         record.update(step=loop.step, elapsed_minutes=round(loop.elapsed / 60, 2), losses=loop.smooth.values)
@@ -895,7 +973,8 @@ def train_lm(
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11, step]))
         batch, texts = lm_batch(codes, labels, prompts, cfg, rng)
-        loss, per_book = lm_loss(lm, text, tok, batch.to(dev), texts, window=cfg.context)
+        loss, per_book = lm_loss(lm, text, tok, batch.to(dev), texts, window=cfg.context, noise=cfg.context_noise,
+                                 rng=rng)
         return loss, dict(ce=float(loss.detach()), **{f"ce{k}": v for k, v in enumerate(per_book)})
 
     loop.run(cfg, opt, params, 1.0, step_fn, checkpoint, quiet)
@@ -940,35 +1019,66 @@ def export_pack(
 
     The LM is quantized as ``quantize`` says; with ``float16`` the other graphs store their weights as
     float16 (they still compute in float32), which keeps the default pack under 50 MB.
+
+    ``codec_checkpoint`` may be a pack folder instead, for an LM trained on its tokens (``cicada train lm
+    --codec PACK``): the new pack then keeps that pack's decoder and encoder graphs as they are
+    (:func:`export.pack.replace_lm`), and ``out`` may be that same folder.
     """
     from export.pack import pack_models
 
-    codec, codec_record = load_codec(codec_checkpoint, decoder_checkpoint)
     lm, text, tok, lm_record = load_lm(lm_checkpoint)
-    if lm_record["codec_digest"] != file_digest(Path(codec_checkpoint)):
-        raise TrainError(f"{lm_checkpoint} was trained on another codec than {codec_checkpoint}; "
-                         "train the LM again (`cicada train lm --fresh`)")
+    from_pack = is_pack(codec_checkpoint)
+    if from_pack:
+        if decoder_checkpoint is not None:
+            raise TrainError(f"--decoder cannot replace the decoder of pack {codec_checkpoint}; pass the codec "
+                             "checkpoint it was fine-tuned for as --codec")
+        tokens = token_source(codec_checkpoint)
+        codec_digest, codec_record = tokens.digest, tokens.record
+    else:
+        codec, codec_record = load_codec(codec_checkpoint, decoder_checkpoint)
+        codec_digest = file_digest(Path(codec_checkpoint))
+    if lm_record["codec_digest"] != codec_digest:
+        raise TrainError(f"{lm_checkpoint} was trained on the tokens of another codec than {codec_checkpoint}; "
+                         f"train the LM again (`cicada train lm --codec {codec_checkpoint} --fresh`)")
     cfg = LMTrainConfig(**saved_config("lm", lm_record["config"]))
-    codec.quantizer.hysteresis = cfg.hysteresis  # the pack's encoder makes the tokens the LM learned
     lm_record = {k: v for k, v in lm_record.items() if k != "codec_record"}
     training = dict(
-        codec=dataclasses.asdict(codec.cfg),
         lm=dataclasses.asdict(lm.cfg),
         text_encoder=dataclasses.asdict(text.cfg),
-        codec_training=_tomlable(codec_record),
         lm_training=_tomlable(lm_record),
         export_command=command or "cicada train pack",
-        weights=f"lm {quantize}; decoder, conditioner, encoder {'float16' if float16 else 'float32'} "
-                "(computed in float32)",
-        corpus="export/data.py procedural synthesizer, 22 food-sound prompts (export/prompts.txt)",
     )
+    source = {"kind": "trained", "corpus": "export.data", "commit": git_commit() or "unknown"}
     with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_file = tok.save(Path(tmp) / "tokenizer.json")
+        if from_pack:
+            from export.conditioner import ConditionerGraph
+            from export.lm import LMStep
+            from export.pack import lm_manifest, replace_lm
+
+            return replace_lm(
+                codec_checkpoint, out,
+                lm_step=LMStep(lm, batch=2, context=cfg.context, text_len=cfg.text_len),
+                conditioner=ConditionerGraph(text, lm, text_len=cfg.text_len),
+                tokenizer_file=tokenizer_file, lm_meta=lm_manifest(lm), prompts=data.prompts(),
+                context=cfg.context, text_len=cfg.text_len, quantize=quantize, float16=float16,
+                training=training, source=source, overwrite=overwrite,
+            )
+        codec.quantizer.hysteresis = cfg.hysteresis  # the pack's encoder makes the tokens the LM learned
+        training = dict(
+            codec=dataclasses.asdict(codec.cfg),
+            **training,
+            codec_training=_tomlable(codec_record),
+            weights=f"lm {quantize}; decoder, conditioner, encoder {'float16' if float16 else 'float32'} "
+                    "(computed in float32)",
+            corpus="export/data.py procedural synthesizer, 22 food-sound prompts (export/prompts.txt)",
+        )
         return pack_models(
             out,
             codec=codec,
             lm=lm,
             text_encoder=text,
-            tokenizer_file=tok.save(Path(tmp) / "tokenizer.json"),
+            tokenizer_file=tokenizer_file,
             name="cicada-food",
             description="cicada's own codec and LM, trained on the procedural corpus of the 22 food-sound prompts",
             prompts=data.prompts(),
@@ -976,7 +1086,7 @@ def export_pack(
             context=cfg.context,
             text_len=cfg.text_len,
             quantize=quantize,
-            source={"kind": "trained", "corpus": "export.data", "commit": git_commit() or "unknown"},
+            source=source,
             training=training,
             sampling=dict(PACK_SAMPLING),
             overwrite=overwrite,
@@ -1020,7 +1130,9 @@ def run_cli(args: Any) -> int:
     if args.stage in ("lm", "all"):
         out = args.runs / "lm" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
-        cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips", "hysteresis"))
+        cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips", "hysteresis", "context_noise"))
+        if getattr(args, "text_input", None) is not None:
+            cfg.lm["text_input"] = args.text_input
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         print(f"lm: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")

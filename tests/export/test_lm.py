@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import onnx
@@ -23,9 +24,10 @@ from export.onnx import GraphSpec, export_graph, max_abs_diff, ort_session, run_
 TOL = 1e-4
 
 
-def tiny_lm(positions: str, seed: int = 0, cross_dim: int = 24) -> LM:
+def tiny_lm(positions: str, seed: int = 0, cross_dim: int = 24, text_input: bool = False) -> LM:
     torch.manual_seed(seed)
-    cfg = LMConfig(dim=32, layers=2, heads=4, ffn_dim=64, n_codebooks=4, card=16, positions=positions, cross_dim=cross_dim)
+    cfg = LMConfig(dim=32, layers=2, heads=4, ffn_dim=64, n_codebooks=4, card=16, positions=positions,
+                   cross_dim=cross_dim, text_input=text_input)
     lm = LM(cfg).eval()
     with torch.no_grad():  # LayerNorms start as identity: make them matter
         for m in lm.modules():
@@ -139,6 +141,37 @@ def test_onnx_step_equals_torch(positions: str, tmp_path: Path) -> None:
     assert max_abs_diff(got, ref) <= TOL
 
 
+def test_text_input_adds_the_pooled_prompt_to_every_frame(tmp_path: Path) -> None:
+    lm = tiny_lm("rotary", seed=9, text_input=True)
+    codes, cross, mask = lm_inputs(lm, t=10, seed=10)
+    cross[1] = 0  # the null condition: zero hidden states, fully masked
+    with torch.no_grad():
+        full = lm(codes, cross, mask)
+        ck, cv = lm.cross_kv(cross)
+        offset = lm.text_offset(cv[0], additive_mask(mask)[:, None, None, :])
+        # the mean of the valid text positions through layer 0's value projection, then text_in
+        mean = (cross[0, :4]).mean(0)
+        want = lm.text_in(lm.layers[0].cross_attn.v_proj(mean))
+    assert offset.shape == (2, 1, 32)
+    assert torch.allclose(offset[0, 0], want, atol=1e-5)
+    assert float(offset[1].abs().max()) == 0.0  # the null row gets no offset: guidance stays what it was
+    plain = LM(dataclasses.replace(lm.cfg, text_input=False)).eval()
+    plain.load_state_dict({k: v for k, v in lm.state_dict().items() if not k.startswith("text_in.")})
+    with torch.no_grad():
+        without = plain(codes, cross, mask)
+    assert max_abs_diff(full[1], without[1]) <= TOL and max_abs_diff(full[0], without[0]) > 1e-2
+
+    # the step graph (torch and ONNX) computes the offset from its cross_v_0 / cross_mask inputs
+    s = 6
+    assert max_abs_diff(step_logits(lm, codes, cross, mask, context=16), full) <= TOL
+    step = LMStep(lm, batch=2, context=s, text_len=cross.shape[1]).eval()
+    path = export_graph(step, step.example_inputs(), step.spec, tmp_path / "lm_step.onnx")
+    assert_graph_matches_spec(path, step.spec)
+    sess = ort_session(path, threads=1)
+    got = step_logits(lm, codes, cross, mask, context=s, run=lambda args: run_onnx(sess, step.spec, args))
+    assert max_abs_diff(got, step_logits(lm, codes, cross, mask, context=s)) <= TOL
+
+
 def test_delay_pattern_round_trip() -> None:
     codes = torch.arange(2 * 4 * 5).view(2, 4, 5)
     delays = [0, 1, 2, 3]
@@ -160,4 +193,6 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="activation"):
         LMConfig(activation="swish")
     assert LMConfig(dim=64, heads=4).cross_dim == 64
+    with pytest.raises(ValueError, match="text_input needs cross_attention"):
+        LMConfig(text_input=True, cross_attention=False)
     assert NEG == torch.finfo(torch.float32).min

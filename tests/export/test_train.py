@@ -28,8 +28,9 @@ def tiny_seanet_cfg(steps: int) -> train.CodecTrainConfig:
 
 def tiny_lm_cfg(steps: int) -> train.LMTrainConfig:
     cfg = train.LMTrainConfig(steps=steps, batch=4, frames=20, context=12, warmup=2, lr=3e-3,
-                              corpus_clips=1, corpus_seconds=0.6, text_len=20, hysteresis=0.15)
-    cfg.lm.update(dim=32, layers=2, heads=2, ffn_dim=64)
+                              corpus_clips=1, corpus_seconds=0.6, text_len=20, hysteresis=0.15,
+                              context_noise=0.1)
+    cfg.lm.update(dim=32, layers=2, heads=2, ffn_dim=64, text_input=True)
     cfg.text.update(dim=32, layers=1, heads=2, ffn_dim=64)
     return cfg
 
@@ -131,7 +132,8 @@ def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     assert train.saved_config("decoder", {"steps": 5})["stereo_phase"] == "independent"
     assert train.saved_config("decoder", {"steps": 5})["flux_weight"] == 0.0
     assert train.saved_config("decoder", {"stereo_phase": "linked"})["stereo_phase"] == "linked"
-    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5}
+    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5, "context_noise": 0.0}
+    assert train.saved_config("lm", {"context_noise": 0.2})["context_noise"] == 0.2
 
 
 def test_spectral_loss_is_zero_for_equal_audio_and_grows_with_error() -> None:
@@ -176,6 +178,17 @@ def test_lm_training_lowers_the_loss(runs: Path) -> None:
         before, _ = train.lm_loss(fresh_lm, fresh_text, tok, batch, texts, window=cfg.context)
         after, _ = train.lm_loss(lm, text, tok, batch, texts, window=cfg.context)
     assert float(after) < float(before) - 0.05
+
+
+def test_corrupt_replaces_a_fraction_of_the_codes_never_the_special_token() -> None:
+    x = torch.randint(0, 32, (4, 4, 500))
+    x[:, :, :3] = 32  # the BOS column and the delay pattern's fill
+    y = train.corrupt(x, 0.1, 32, np.random.default_rng(0))
+    changed = float((y != x).float().mean())
+    assert 0.08 < changed < 0.11  # 0.1 of the codes, less the draws that hit the same code
+    assert bool((y[:, :, :3] == 32).all()) and int(y[:, :, 3:].max()) < 32
+    assert torch.equal(train.corrupt(x, 0.0, 32, np.random.default_rng(0)), x)
+    assert torch.equal(y, train.corrupt(x, 0.1, 32, np.random.default_rng(0)))  # seeded by the step's rng
 
 
 def test_lm_refuses_a_checkpoint_of_another_codec(runs: Path, tmp_path: Path) -> None:
@@ -268,6 +281,97 @@ def test_float16_weights_halve_the_files_and_decode_the_same(runs: Path, tmp_pat
         codes = rng.integers(0, card, (1, k, 1))
         a, b = (s.step(codes).copy() for s in sessions)
         assert np.abs(a - b).max() <= 1e-2 * max(1e-3, float(np.abs(a).max()))
+
+
+@pytest.fixture(scope="module")
+def base_pack(runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny runs as a pack with an encoder (its codes held at the tiny LM's margin, 0.15)."""
+    out = tmp_path_factory.mktemp("base") / "pack"
+    train.export_pack(out, codec_checkpoint=runs / "codec" / train.CHECKPOINT,
+                      lm_checkpoint=runs / "lm" / train.CHECKPOINT, quantize="none", float16=False)
+    return out
+
+
+def test_an_lm_trains_on_a_packs_tokens_and_replaces_its_lm(base_pack: Path, runs: Path, tmp_path: Path) -> None:
+    """`cicada train lm --codec PACK`, then `cicada train pack --codec PACK`: a new LM for a pack whose
+    codec checkpoint is not at hand (the shipped pack, a converted one)."""
+    import shutil
+    import tomllib
+
+    from engine import pack as packfmt
+    from engine.generator import Generator, GenParams
+    from engine.sampling import SamplingParams
+    from export import data
+    from export.evaluate import pack_encoder
+
+    base = tmp_path / "base"
+    shutil.copytree(base_pack, base)
+    before = {f.name: f.read_bytes() for f in base.iterdir()}
+    cfg = tiny_lm_cfg(3)
+    with pytest.raises(train.TrainError, match="--hysteresis 0.15 needs a codec checkpoint"):
+        train.train_lm(tmp_path / "lm", cfg, codec_checkpoint=base, device="cpu", quiet=True)
+    cfg.hysteresis = 0.0  # the pack's encoder graph chooses its codes (at its own margin)
+    rec = train.train_lm(tmp_path / "lm", cfg, codec_checkpoint=base, device="cpu", quiet=True)
+    assert rec["step"] == 3 and rec["codec_pack"] == str(base)
+    assert rec["codec_digest"] == train.file_digest(base / "encoder.onnx")
+    assert rec["codec_record"]["pack_name"] == "cicada-food" and rec["codec_record"]["step"] == 4
+
+    # the corpus is the pack encoder's tokens of the same dithered clips
+    with np.load(next((tmp_path / "lm").glob("corpus-*.npz"))) as z:
+        codes = z["codes"]
+    encode = pack_encoder(packfmt.load(base))
+    idx, clip = next(iter(data.corpus(cfg.seed + 2000, cfg.corpus_clips, cfg.corpus_seconds, 32000)))
+    assert np.array_equal(codes[0], encode(train.dither(clip, np.random.default_rng(0))))
+
+    # an LM of another codec's tokens, or a decoder checkpoint, is refused with the pack as --codec
+    with pytest.raises(train.TrainError, match="another codec"):
+        train.export_pack(base, codec_checkpoint=base, lm_checkpoint=runs / "lm" / train.CHECKPOINT, overwrite=True)
+    with pytest.raises(train.TrainError, match="--decoder cannot replace"):
+        train.export_pack(base, codec_checkpoint=base, lm_checkpoint=tmp_path / "lm" / train.CHECKPOINT,
+                          decoder_checkpoint=runs / "codec" / train.CHECKPOINT, overwrite=True)
+
+    # in place: the codec graphs stay byte for byte, the LM side and the record are new
+    pack = train.export_pack(base, codec_checkpoint=base, lm_checkpoint=tmp_path / "lm" / train.CHECKPOINT,
+                             quantize="none", overwrite=True)
+    after = {f.name: f.read_bytes() for f in base.iterdir()}
+    assert sorted(after) == sorted(before) and not list(base.parent.glob(".base.*"))  # nothing left staged
+    assert after["decoder.onnx"] == before["decoder.onnx"] and after["encoder.onnx"] == before["encoder.onnx"]
+    assert after["lm.onnx"] != before["lm.onnx"]
+    tr = pack.info["training"]
+    assert tr["lm_training"]["codec_pack"] == str(base) and tr["lm_training"]["step"] == 3
+    assert tr["codec_training"]["step"] == 4  # the codec's own record is kept
+    assert tr["lm"]["text_input"] is True
+    old = tomllib.loads(before["manifest.toml"].decode())
+    new = tomllib.loads(after["manifest.toml"].decode())
+    assert new["decoder"] == old["decoder"] and new["encoder"] == old["encoder"] and new["audio"] == old["audio"]
+    assert new["sampling"] == old["sampling"] and new["lm"]["context"] == cfg.context
+    gen = Generator(pack, seed=1, params=GenParams(prompt=pack.prompts[3], sampling=SamplingParams(1.0)))
+    block = np.concatenate([gen.next_block().copy() for _ in range(5)], axis=-1)
+    assert block.shape[0] == 2 and np.isfinite(block).all()
+
+
+def test_cli_trains_an_lm_on_a_pack(base_pack: Path, tiny_pack_dir: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    lm = tmp_path / "lm"
+    assert main(["train", "lm", "--codec", str(tiny_pack_dir), "--out", str(lm)]) == 1
+    err = capsys.readouterr().err
+    assert "has no encoder.onnx" in err and "Traceback" not in err
+    assert main(["train", "lm", "--codec", str(base_pack), "--corpus-clips", "1", "--steps", "1", "--batch", "1",
+                 "--threads", "1", "--context-noise", "0.1", "--text-input", "--out", str(lm)]) == 0
+    assert "lm: step 1" in capsys.readouterr().out
+    config = torch.load(lm / train.CHECKPOINT, weights_only=False)["record"]["config"]
+    assert config["context_noise"] == 0.1 and config["lm"]["text_input"] is True
+    out = tmp_path / "pack"
+    assert main(["train", "pack", "--codec", str(base_pack), "--lm", str(lm / train.CHECKPOINT),
+                 "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert main(["train", "pack", "--codec", str(base_pack), "--lm", str(lm / train.CHECKPOINT),
+                 "--out", str(out)]) == 1
+    assert "pass --force" in capsys.readouterr().err
+    from engine import pack as packfmt
+
+    pack = packfmt.load(out)
+    assert pack.lm["quantization"] == "int8" and (out / "decoder.onnx").read_bytes() == (base_pack / "decoder.onnx").read_bytes()
 
 
 def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
