@@ -462,9 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the residual's energy (default 0: always the nearest code; see docs/training.md)")
     p.add_argument("--context-noise", type=_fraction, default=None,
                    help="replace this fraction of the LM's input codes by random ones while training, so that it "
-                        "leans on the prompt more than on its own context (default 0)")
+                        "leans on the prompt more than on its own context (default 0.1)")
     p.add_argument("--text-input", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the pooled prompt to every frame's input, besides cross-attention (default off)")
+                   help="add the pooled prompt to every frame's input, besides cross-attention (default on)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("decoder", parents=[run],
                        help="fine-tune the codec's decoder on its frozen tokens (the LM stays valid)")
