@@ -1064,7 +1064,9 @@ def export_pack(
                 conditioner=ConditionerGraph(text, lm, text_len=cfg.text_len),
                 tokenizer_file=tokenizer_file, lm_meta=lm_manifest(lm), prompts=data.prompts(),
                 context=cfg.context, text_len=cfg.text_len, quantize=quantize, float16=float16,
-                training=training, source=source, overwrite=overwrite,
+                training=dict(training, weights=f"lm {quantize}; conditioner {'float16' if float16 else 'float32'}; "
+                              f"decoder, encoder as in {codec_checkpoint} (computed in float32)"),
+                source=source, overwrite=overwrite,
             )
         codec.quantizer.hysteresis = cfg.hysteresis  # the pack's encoder makes the tokens the LM learned
         training = dict(

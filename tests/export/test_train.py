@@ -340,6 +340,7 @@ def test_an_lm_trains_on_a_packs_tokens_and_replaces_its_lm(base_pack: Path, run
     tr = pack.info["training"]
     assert tr["lm_training"]["codec_pack"] == str(base) and tr["lm_training"]["step"] == 3
     assert tr["codec_training"]["step"] == 4  # the codec's own record is kept
+    assert tr["weights"].startswith("lm none; conditioner float16; decoder, encoder as in")
     assert tr["lm"]["text_input"] is True
     old = tomllib.loads(before["manifest.toml"].decode())
     new = tomllib.loads(after["manifest.toml"].decode())
