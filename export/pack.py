@@ -96,7 +96,9 @@ def build_pack(
         with torch.no_grad():
             _export(decoder_step.eval(), decoder_step.spec, decoder_step.example_inputs(), tmp / "decoder.onnx",
                     "decoder step", float16)
-            text_side = _export_text_side(tmp, spec, lm_step, conditioner, tokenizer_file, lm_meta, float16)
+            text_side = _export_text_side(tmp, lm_step, conditioner, tokenizer_file, lm_meta, context=spec.context,
+                                          text_len=spec.text_len, quantize=spec.quantize, prompts=spec.prompts,
+                                          float16=float16)
             if encoder is not None:
                 # its analysis basis feeds a logarithm: kept float32 (store_float16)
                 _export(encoder.eval(), encoder.spec, encoder.example_inputs(), tmp / "encoder.onnx", "encoder",
@@ -166,19 +168,15 @@ def replace_lm(
     ``base`` itself (with ``overwrite``): the new pack is staged beside it and renamed into place.
     """
     base_pack = packfmt.load(base)
-    doc = tomllib.loads((base_pack.path / packfmt.MANIFEST).read_text())
-    spec = PackSpec(name=doc["name"], description=doc["description"], sample_rate=base_pack.audio.sample_rate,
-                    channels=base_pack.audio.channels, hop_length=base_pack.audio.hop_length,
-                    n_codebooks=base_pack.codebooks.count, cardinality=base_pack.codebooks.cardinality,
-                    delays=list(base_pack.codebooks.delays), prompts=prompts, context=context, text_len=text_len,
-                    quantize=quantize)
+    doc = tomllib.loads((base_pack.path / packfmt.MANIFEST).read_text(encoding="utf-8"))
     tmp = _staging(Path(out), overwrite)
     try:
         for name in ("decoder", "encoder"):
             if name in doc:
                 shutil.copyfile(base_pack.path / doc[name]["file"], tmp / doc[name]["file"])
         with torch.no_grad():
-            doc.update(_export_text_side(tmp, spec, lm_step, conditioner, tokenizer_file, lm_meta, float16))
+            doc.update(_export_text_side(tmp, lm_step, conditioner, tokenizer_file, lm_meta, context=context,
+                                         text_len=text_len, quantize=quantize, prompts=prompts, float16=float16))
         doc["training"] = {**doc.get("training", {}), **(training or {})}
         if source:
             doc["source"] = {**doc.get("source", {}), **source}
@@ -199,38 +197,39 @@ def _staging(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _export_text_side(tmp: Path, spec: PackSpec, lm_step: nn.Module, conditioner: nn.Module,
-                      tokenizer_file: str | Path, lm_meta: dict[str, Any], float16: bool) -> dict[str, Any]:
-    """Export the LM step (quantized as ``spec.quantize`` says) and the conditioner into ``tmp``, copy the
+def _export_text_side(tmp: Path, lm_step: nn.Module, conditioner: nn.Module, tokenizer_file: str | Path,
+                      lm_meta: dict[str, Any], *, context: int, text_len: int, quantize: str, prompts: list[str],
+                      float16: bool) -> dict[str, Any]:
+    """Export the LM step (quantized as ``quantize`` says) and the conditioner into ``tmp``, copy the
     tokenizer; returns the manifest's ``lm``, ``conditioner`` and ``prompts`` tables."""
     _export(conditioner.eval(), conditioner.spec, conditioner.example_inputs(), tmp / "conditioner.onnx",
             "conditioner", float16)
     lm_file = tmp / "lm.onnx"
     _export(lm_step.eval(), lm_step.spec, lm_step.example_inputs(), lm_file, "LM step")
-    if spec.quantize == "int8":
+    if quantize == "int8":
         fp32 = tmp / "lm.fp32.onnx"
         lm_file.rename(fp32)
         quantize_int8(fp32, lm_file)
         fp32.unlink()
-    elif spec.quantize != "none":
-        raise ValueError(f"--quantize {spec.quantize!r}: choose none or int8")
+    elif quantize != "none":
+        raise ValueError(f"--quantize {quantize!r}: choose none or int8")
     shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
     return {
         "lm": {
             "file": "lm.onnx",
-            "context": spec.context,
+            "context": context,
             "batch": 2,
-            "quantization": spec.quantize,
+            "quantization": quantize,
             **lm_meta,
             **_tensor_table(lm_step.spec),
         },
         "conditioner": {
             "file": "conditioner.onnx",
             "tokenizer": "tokenizer.json",
-            "max_tokens": spec.text_len,
+            "max_tokens": text_len,
             **_tensor_table(conditioner.spec),
         },
-        "prompts": {"known": list(spec.prompts)},
+        "prompts": {"known": list(prompts)},
     }
 
 

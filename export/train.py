@@ -769,7 +769,25 @@ class TokenSource:
 
 def is_pack(path: str | Path) -> bool:
     """Whether ``path`` is a pack folder (it holds a manifest) rather than a checkpoint file."""
-    return Path(path).is_dir() and (Path(path) / "manifest.toml").is_file()
+    from engine.pack import MANIFEST
+
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def pack_codec(path: Path) -> tuple[Any, str, dict[str, Any]]:
+    """A pack whose codec makes an LM's tokens: the loaded pack, its ``encoder.onnx`` digest and its codec
+    record (the pack's ``[training.codec_training]`` with the pack's path and name)."""
+    from engine import pack as packfmt
+
+    try:
+        pack = packfmt.load(path)
+    except packfmt.PackError as exc:
+        raise TrainError(str(exc)) from exc
+    if pack.encoder is None:
+        raise TrainError(f"{path}: the pack has no encoder.onnx, so the corpus cannot be turned into its "
+                         "tokens; pass a codec checkpoint (`cicada train codec`) as --codec")
+    codec_record = pack.info.get("training", {}).get("codec_training", {})
+    return pack, file_digest(pack.encoder.file), dict(codec_record, pack=str(path), pack_name=pack.name)
 
 
 def token_source(path: str | Path, hysteresis: float = 0.0, device: torch.device | None = None) -> TokenSource:
@@ -777,24 +795,15 @@ def token_source(path: str | Path, hysteresis: float = 0.0, device: torch.device
     pack folder (its ``encoder.onnx`` in ONNX Runtime, which fixes how codes are chosen)."""
     path = Path(path)
     if is_pack(path):
-        from engine import pack as packfmt
         from export.evaluate import pack_encoder
 
-        try:
-            pack = packfmt.load(path)
-        except packfmt.PackError as exc:
-            raise TrainError(str(exc)) from exc
-        encode = pack_encoder(pack, threads=max(1, torch.get_num_threads()))
-        if encode is None:
-            raise TrainError(f"{path}: the pack has no encoder.onnx, so the corpus cannot be turned into its "
-                             "tokens; pass a codec checkpoint (`cicada train codec`) as --codec")
+        pack, digest, record = pack_codec(path)
         if hysteresis:
             raise TrainError(f"--hysteresis {hysteresis:g} needs a codec checkpoint: {path}'s encoder graph "
                              "fixes how its codes are chosen")
-        codec_record = pack.info.get("training", {}).get("codec_training", {})
-        record = dict(codec_record, pack=str(path), pack_name=pack.name)
+        encode = pack_encoder(pack, threads=max(1, torch.get_num_threads()))
         return TokenSource(path, encode, pack.audio.sample_rate, pack.codebooks.count, pack.codebooks.cardinality,
-                           file_digest(pack.encoder.file), record, pack=True)
+                           digest, record, pack=True)
     if not path.exists():
         raise TrainError(f"{path}: no codec checkpoint; run `cicada train codec` first, or pass a pack folder "
                          "(--codec packs/default) to train on its tokens")
@@ -1033,8 +1042,7 @@ def export_pack(
         if decoder_checkpoint is not None:
             raise TrainError(f"--decoder cannot replace the decoder of pack {codec_checkpoint}; pass the codec "
                              "checkpoint it was fine-tuned for as --codec")
-        tokens = token_source(codec_checkpoint)
-        codec_digest, codec_record = tokens.digest, tokens.record
+        _, codec_digest, codec_record = pack_codec(Path(codec_checkpoint))
     else:
         codec, codec_record = load_codec(codec_checkpoint, decoder_checkpoint)
         codec_digest = file_digest(Path(codec_checkpoint))
