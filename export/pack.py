@@ -99,10 +99,7 @@ def build_pack(
             text_side = _export_text_side(tmp, lm_step, conditioner, tokenizer_file, lm_meta, context=spec.context,
                                           text_len=spec.text_len, quantize=spec.quantize, prompts=spec.prompts,
                                           float16=float16)
-            if encoder is not None:
-                # its analysis basis feeds a logarithm: kept float32 (store_float16)
-                _export(encoder.eval(), encoder.spec, encoder.example_inputs(), tmp / "encoder.onnx", "encoder",
-                        float16, float16_constants=False)
+            encoder_table = _export_encoder(tmp, encoder, float16) if encoder is not None else None
 
         doc: dict[str, Any] = {
             "format": packfmt.FORMAT_VERSION,
@@ -129,8 +126,8 @@ def build_pack(
             },
             **text_side,
         }
-        if encoder is not None:
-            doc["encoder"] = {"file": "encoder.onnx", **_tensor_table(encoder.spec)}
+        if encoder_table is not None:
+            doc["encoder"] = encoder_table
         if spec.sampling:
             doc["sampling"] = dict(spec.sampling)
         if spec.source:
@@ -159,6 +156,7 @@ def replace_lm(
     training: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
+    encoder: nn.Module | None = None,
 ) -> packfmt.Pack:
     """A pack with ``base``'s codec graphs (decoder, encoder) and a new LM, conditioner and tokenizer.
 
@@ -166,15 +164,19 @@ def replace_lm(
     (``cicada train lm --codec PACK``). The manifest keeps ``base``'s audio, codebook, decoder and encoder
     tables and its sampling; ``training`` entries replace or add to its ``[training]``. ``out`` may be
     ``base`` itself (with ``overwrite``): the new pack is staged beside it and renamed into place.
+    ``encoder`` (an :class:`EncoderGraph` of ``base``'s codec) is exported in place of ``base``'s encoder
+    graph: for an LM trained on codes that graph does not pick (``--hysteresis``).
     """
     base_pack = packfmt.load(base)
     doc = tomllib.loads((base_pack.path / packfmt.MANIFEST).read_text(encoding="utf-8"))
     tmp = _staging(Path(out), overwrite)
     try:
         for name in ("decoder", "encoder"):
-            if name in doc:
+            if name in doc and not (name == "encoder" and encoder is not None):
                 shutil.copyfile(base_pack.path / doc[name]["file"], tmp / doc[name]["file"])
         with torch.no_grad():
+            if encoder is not None:
+                doc["encoder"] = _export_encoder(tmp, encoder, float16)
             doc.update(_export_text_side(tmp, lm_step, conditioner, tokenizer_file, lm_meta, context=context,
                                          text_len=text_len, quantize=quantize, prompts=prompts, float16=float16))
         doc["training"] = {**doc.get("training", {}), **(training or {})}
@@ -195,6 +197,14 @@ def _staging(out: Path, overwrite: bool) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o777 & ~packfmt.current_umask())  # mkdtemp makes it private; a pack is an ordinary folder
     return tmp
+
+
+def _export_encoder(tmp: Path, encoder: nn.Module, float16: bool) -> dict[str, Any]:
+    """Export an :class:`EncoderGraph` as ``tmp/encoder.onnx``; returns the manifest's ``encoder`` table."""
+    # its analysis basis feeds a logarithm: kept float32 (store_float16)
+    _export(encoder.eval(), encoder.spec, encoder.example_inputs(), tmp / "encoder.onnx", "encoder", float16,
+            float16_constants=False)
+    return {"file": "encoder.onnx", **_tensor_table(encoder.spec)}
 
 
 def _export_text_side(tmp: Path, lm_step: nn.Module, conditioner: nn.Module, tokenizer_file: str | Path,

@@ -791,24 +791,29 @@ def pack_codec(path: Path) -> tuple[Any, str, dict[str, Any]]:
 
 
 def token_source(path: str | Path, hysteresis: float = 0.0, device: torch.device | None = None) -> TokenSource:
-    """The tokens of a codec checkpoint (encoded in PyTorch with the quantiser's ``hysteresis``) or of a
-    pack folder (its ``encoder.onnx`` in ONNX Runtime, which fixes how codes are chosen)."""
+    """The tokens of a codec checkpoint or a pack folder.
+
+    A checkpoint is encoded in PyTorch with the quantiser's ``hysteresis``. A pack is encoded by its
+    ``encoder.onnx`` in ONNX Runtime; with ``hysteresis`` its codec is read back from its graphs
+    (:func:`export.unpack.codec_from_pack`) and encoded in PyTorch, since the graph picks nearest codes.
+    """
     path = Path(path)
+    device = device or torch.device("cpu")
     if is_pack(path):
         from export.evaluate import pack_encoder
 
         pack, digest, record = pack_codec(path)
-        if hysteresis:
-            raise TrainError(f"--hysteresis {hysteresis:g} needs a codec checkpoint: {path}'s encoder graph "
-                             "fixes how its codes are chosen")
-        encode = pack_encoder(pack, threads=max(1, torch.get_num_threads()))
-        return TokenSource(path, encode, pack.audio.sample_rate, pack.codebooks.count, pack.codebooks.cardinality,
-                           digest, record, pack=True)
-    if not path.exists():
-        raise TrainError(f"{path}: no codec checkpoint; run `cicada train codec` first, or pass a pack folder "
-                         "(--codec packs/default) to train on its tokens")
-    codec, record = load_codec(path)
-    device = device or torch.device("cpu")
+        if not hysteresis:
+            encode = pack_encoder(pack, threads=max(1, torch.get_num_threads()))
+            return TokenSource(path, encode, pack.audio.sample_rate, pack.codebooks.count,
+                               pack.codebooks.cardinality, digest, record, pack=True)
+        codec: Codec | SpectralCodec = unpacked_codec(pack)
+    else:
+        if not path.exists():
+            raise TrainError(f"{path}: no codec checkpoint; run `cicada train codec` first, or pass a pack folder "
+                             "(--codec packs/default) to train on its tokens")
+        codec, record = load_codec(path)
+        digest = file_digest(path)
     codec = codec.to(device)
     codec.quantizer.hysteresis = hysteresis
 
@@ -817,8 +822,17 @@ def token_source(path: str | Path, hysteresis: float = 0.0, device: torch.device
         return codec.encode(torch.from_numpy(clip)[None].to(device))[0].cpu().numpy()
 
     c = codec.cfg
-    return TokenSource(path, encode, c.sample_rate, c.n_codebooks, c.codebook_size, file_digest(path), record,
-                       pack=False)
+    return TokenSource(path, encode, c.sample_rate, c.n_codebooks, c.codebook_size, digest, record, pack=is_pack(path))
+
+
+def unpacked_codec(pack: Any) -> SpectralCodec:
+    """The pack's codec in PyTorch (:func:`export.unpack.codec_from_pack`), its errors as :class:`TrainError`."""
+    from export.unpack import UnpackError, codec_from_pack
+
+    try:
+        return codec_from_pack(pack)
+    except UnpackError as exc:
+        raise TrainError(f"{exc} (needed for --hysteresis with a pack)") from None
 
 
 def encode_corpus(tokens: TokenSource, cfg: LMTrainConfig, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -1042,7 +1056,7 @@ def export_pack(
         if decoder_checkpoint is not None:
             raise TrainError(f"--decoder cannot replace the decoder of pack {codec_checkpoint}; pass the codec "
                              "checkpoint it was fine-tuned for as --codec")
-        _, codec_digest, codec_record = pack_codec(Path(codec_checkpoint))
+        base, codec_digest, codec_record = pack_codec(Path(codec_checkpoint))
     else:
         codec, codec_record = load_codec(codec_checkpoint, decoder_checkpoint)
         codec_digest = file_digest(Path(codec_checkpoint))
@@ -1064,16 +1078,28 @@ def export_pack(
         if from_pack:
             from export.conditioner import ConditionerGraph
             from export.lm import LMStep
-            from export.pack import lm_manifest, replace_lm
+            from export.pack import EncoderGraph, lm_manifest, replace_lm
 
+            encoder = None
+            if cfg.hysteresis:  # the pack's encoder picks nearest codes; this LM learned held ones
+                codec = unpacked_codec(base)
+                codec.quantizer.hysteresis = cfg.hysteresis
+                seconds = base.encoder.input("audio").shape[-1] / base.audio.sample_rate
+                encoder = EncoderGraph(codec, seconds)
+            from export.unpack import encoder_margin
+
+            training["encoder_hysteresis"] = cfg.hysteresis if encoder is not None else encoder_margin(base.info)
+            kept = "decoder" if encoder is not None else "decoder, encoder"
+            made = (f"; encoder read back from {codec_checkpoint} with hysteresis {cfg.hysteresis:g} "
+                    f"({'float16' if float16 else 'float32'})") if encoder is not None else ""
             return replace_lm(
-                codec_checkpoint, out,
+                codec_checkpoint, out, encoder=encoder,
                 lm_step=LMStep(lm, batch=2, context=cfg.context, text_len=cfg.text_len),
                 conditioner=ConditionerGraph(text, lm, text_len=cfg.text_len),
                 tokenizer_file=tokenizer_file, lm_meta=lm_manifest(lm), prompts=data.prompts(),
                 context=cfg.context, text_len=cfg.text_len, quantize=quantize, float16=float16,
                 training=dict(training, weights=f"lm {quantize}; conditioner {'float16' if float16 else 'float32'}; "
-                              f"decoder, encoder as in {codec_checkpoint} (computed in float32)"),
+                              f"{kept} as in {codec_checkpoint} (computed in float32){made}"),
                 source=source, overwrite=overwrite,
             )
         codec.quantizer.hysteresis = cfg.hysteresis  # the pack's encoder makes the tokens the LM learned

@@ -11,38 +11,7 @@ import torch
 
 from engine.cli import main
 from export import train
-
-
-def tiny_codec_cfg(steps: int) -> train.CodecTrainConfig:
-    cfg = train.CodecTrainConfig(steps=steps, batch=2, segment=0.1, warmup=2, dead_code_every=2)
-    cfg.codec.update(hidden=16, dimension=16, encoder_blocks=1, decoder_blocks=1, codebook_size=32)
-    return cfg
-
-
-def tiny_seanet_cfg(steps: int) -> train.CodecTrainConfig:
-    cfg = train.CodecTrainConfig.seanet(steps=steps, batch=2, segment=0.1, warmup=2, dead_code_every=2)
-    cfg.codec = dict(sample_rate=32000, channels=2, n_filters=4, ratios=[8, 5, 4, 4], dimension=16,
-                     lstm_layers=1, causal=True, pad_mode="constant", codebook_size=32)
-    return cfg
-
-
-def tiny_lm_cfg(steps: int) -> train.LMTrainConfig:
-    cfg = train.LMTrainConfig(steps=steps, batch=4, frames=20, context=12, warmup=2, lr=3e-3,
-                              corpus_clips=1, corpus_seconds=0.6, text_len=20, hysteresis=0.15,
-                              context_noise=0.1)
-    cfg.lm.update(dim=32, layers=2, heads=2, ffn_dim=64, text_input=True)
-    cfg.text.update(dim=32, layers=1, heads=2, ffn_dim=64)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A codec and an LM trained for a few steps (shared by the tests below)."""
-    root = tmp_path_factory.mktemp("train")
-    train.train_codec(root / "codec", tiny_codec_cfg(4), device="cpu", quiet=True)
-    train.train_lm(root / "lm", tiny_lm_cfg(6), codec_checkpoint=root / "codec" / train.CHECKPOINT,
-                   device="cpu", quiet=True)
-    return root
+from tests.export.conftest import tiny_codec_cfg, tiny_lm_cfg, tiny_seanet_cfg
 
 
 def test_codec_checkpoint_resumes_where_it_stopped(tmp_path: Path) -> None:
@@ -283,15 +252,6 @@ def test_float16_weights_halve_the_files_and_decode_the_same(runs: Path, tmp_pat
         assert np.abs(a - b).max() <= 1e-2 * max(1e-3, float(np.abs(a).max()))
 
 
-@pytest.fixture(scope="module")
-def base_pack(runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny runs as a pack with an encoder (its codes held at the tiny LM's margin, 0.15)."""
-    out = tmp_path_factory.mktemp("base") / "pack"
-    train.export_pack(out, codec_checkpoint=runs / "codec" / train.CHECKPOINT,
-                      lm_checkpoint=runs / "lm" / train.CHECKPOINT, quantize="none", float16=False)
-    return out
-
-
 def test_an_lm_trains_on_a_packs_tokens_and_replaces_its_lm(base_pack: Path, runs: Path, tmp_path: Path) -> None:
     """`cicada train lm --codec PACK`, then `cicada train pack --codec PACK`: a new LM for a pack whose
     codec checkpoint is not at hand (the shipped pack, a converted one)."""
@@ -308,8 +268,6 @@ def test_an_lm_trains_on_a_packs_tokens_and_replaces_its_lm(base_pack: Path, run
     shutil.copytree(base_pack, base)
     before = {f.name: f.read_bytes() for f in base.iterdir()}
     cfg = tiny_lm_cfg(3)
-    with pytest.raises(train.TrainError, match="--hysteresis 0.15 needs a codec checkpoint"):
-        train.train_lm(tmp_path / "lm", cfg, codec_checkpoint=base, device="cpu", quiet=True)
     cfg.hysteresis = 0.0  # the pack's encoder graph chooses its codes (at its own margin)
     rec = train.train_lm(tmp_path / "lm", cfg, codec_checkpoint=base, device="cpu", quiet=True)
     assert rec["step"] == 3 and rec["codec_pack"] == str(base)
@@ -341,6 +299,7 @@ def test_an_lm_trains_on_a_packs_tokens_and_replaces_its_lm(base_pack: Path, run
     assert tr["lm_training"]["codec_pack"] == str(base) and tr["lm_training"]["step"] == 3
     assert tr["codec_training"]["step"] == 4  # the codec's own record is kept
     assert tr["weights"].startswith("lm none; conditioner float16; decoder, encoder as in")
+    assert tr["encoder_hysteresis"] == 0.15  # the copied encoder's margin (the base LM's), not the new LM's 0
     assert tr["lm"]["text_input"] is True
     old = tomllib.loads(before["manifest.toml"].decode())
     new = tomllib.loads(after["manifest.toml"].decode())
@@ -349,6 +308,44 @@ def test_an_lm_trains_on_a_packs_tokens_and_replaces_its_lm(base_pack: Path, run
     gen = Generator(pack, seed=1, params=GenParams(prompt=pack.prompts[3], sampling=SamplingParams(1.0)))
     block = np.concatenate([gen.next_block().copy() for _ in range(5)], axis=-1)
     assert block.shape[0] == 2 and np.isfinite(block).all()
+
+
+def test_an_lm_on_a_packs_held_codes_gets_an_encoder_that_holds_them(base_pack: Path, tmp_path: Path) -> None:
+    """`cicada train lm --codec PACK --hysteresis M`: the pack's codec is read back into PyTorch to hold
+    codes; `cicada train pack --codec PACK` then exports an encoder graph at the LM's margin, decoder kept."""
+    from engine import pack as packfmt
+    from export import data
+    from export.evaluate import pack_encoder
+    from export.unpack import codec_from_pack
+
+    cfg = tiny_lm_cfg(2)
+    cfg.hysteresis = 0.3  # not the base encoder's 0.15: the new graph must come from the LM's margin
+    rec = train.train_lm(tmp_path / "lm", cfg, codec_checkpoint=base_pack, device="cpu", quiet=True)
+    assert rec["codec_digest"] == train.file_digest(base_pack / "encoder.onnx")
+    with np.load(next((tmp_path / "lm").glob("corpus-*-h0.3.npz"))) as z:
+        codes = z["codes"]
+    codec = codec_from_pack(packfmt.load(base_pack))
+    codec.quantizer.hysteresis = 0.3
+    _, clip = next(iter(data.corpus(cfg.seed + 2000, cfg.corpus_clips, cfg.corpus_seconds, 32000)))
+    clip = train.dither(clip, np.random.default_rng(0))
+    with torch.no_grad():
+        held = codec.encode(torch.from_numpy(clip)[None])[0].numpy()
+    assert np.array_equal(codes[0], held)
+    codec.quantizer.hysteresis = 0.0
+    with torch.no_grad():
+        nearest = codec.encode(torch.from_numpy(clip)[None])[0].numpy()
+    assert (held[:, 1:] != held[:, :-1]).sum() < (nearest[:, 1:] != nearest[:, :-1]).sum()  # held codes switch less
+
+    pack = train.export_pack(tmp_path / "pack", codec_checkpoint=base_pack,
+                             lm_checkpoint=tmp_path / "lm" / train.CHECKPOINT, quantize="none")
+    assert (pack.path / "decoder.onnx").read_bytes() == (base_pack / "decoder.onnx").read_bytes()
+    assert (pack.path / "encoder.onnx").read_bytes() != (base_pack / "encoder.onnx").read_bytes()
+    tr = pack.info["training"]
+    assert tr["encoder_hysteresis"] == 0.3
+    assert tr["weights"].startswith("lm none; conditioner float16; decoder as in")
+    assert "encoder read back from" in tr["weights"] and "hysteresis 0.3" in tr["weights"]
+    assert np.array_equal(pack_encoder(pack)(clip), held)  # the engine's encoder makes the LM's tokens
+    codec_from_pack(pack)  # and reads back, checked at the new margin
 
 
 def test_cli_trains_an_lm_on_a_pack(base_pack: Path, tiny_pack_dir: Path, tmp_path: Path,
