@@ -371,6 +371,20 @@ def test_cli_trains_an_lm_on_a_pack(base_pack: Path, tiny_pack_dir: Path, tmp_pa
     pack = packfmt.load(out)
     assert pack.lm["quantization"] == "int8" and (out / "decoder.onnx").read_bytes() == (base_pack / "decoder.onnx").read_bytes()
 
+    # --hysteresis needs the pack's codec back in PyTorch: a pack whose codec is not cicada's is refused
+    import shutil
+    import tomllib
+
+    other = tmp_path / "other"
+    shutil.copytree(base_pack, other)
+    doc = tomllib.loads((other / packfmt.MANIFEST).read_text(encoding="utf-8"))
+    del doc["training"]["codec"]
+    packfmt.write_manifest(other, doc)
+    assert main(["train", "lm", "--codec", str(other), "--hysteresis", "0.15", "--out", str(tmp_path / "lm2")]) == 1
+    err = capsys.readouterr().err
+    assert "no spectral codec config" in err and "needed for --hysteresis with a pack" in err
+    assert "Traceback" not in err
+
 
 def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "pack", "--codec", str(tmp_path / "none.pt"), "--out", str(tmp_path / "p")]) == 1
