@@ -463,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-noise", type=_fraction, default=None,
                    help="replace this fraction of the LM's input codes by random ones while training, so that it "
                         "leans on the prompt more than on its own context (default 0.1)")
+    p.add_argument("--cfg-dropout", type=_fraction, default=None,
+                   help="train this fraction of sequences without their prompt, for guidance (default 0.1)")
     p.add_argument("--text-input", action=argparse.BooleanOptionalAction, default=None,
                    help="add the pooled prompt to every frame's input, besides cross-attention (default on)")
     p.set_defaults(func=_cmd_train)

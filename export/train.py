@@ -1168,7 +1168,8 @@ def run_cli(args: Any) -> int:
     if args.stage in ("lm", "all"):
         out = args.runs / "lm" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
-        cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips", "hysteresis", "context_noise"))
+        cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips", "hysteresis", "context_noise",
+                                                   "cfg_dropout"))
         if getattr(args, "text_input", None) is not None:
             cfg.lm["text_input"] = args.text_input
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)

@@ -355,10 +355,11 @@ def test_cli_trains_an_lm_on_a_pack(base_pack: Path, tiny_pack_dir: Path, tmp_pa
     err = capsys.readouterr().err
     assert "has no encoder.onnx" in err and "Traceback" not in err
     assert main(["train", "lm", "--codec", str(base_pack), "--corpus-clips", "1", "--steps", "1", "--batch", "1",
-                 "--threads", "1", "--context-noise", "0.1", "--text-input", "--out", str(lm)]) == 0
+                 "--threads", "1", "--context-noise", "0.1", "--cfg-dropout", "0.2", "--text-input",
+                 "--out", str(lm)]) == 0
     assert "lm: step 1" in capsys.readouterr().out
     config = torch.load(lm / train.CHECKPOINT, weights_only=False)["record"]["config"]
-    assert config["context_noise"] == 0.1 and config["lm"]["text_input"] is True
+    assert config["context_noise"] == 0.1 and config["cfg_dropout"] == 0.2 and config["lm"]["text_input"] is True
     out = tmp_path / "pack"
     assert main(["train", "pack", "--codec", str(base_pack), "--lm", str(lm / train.CHECKPOINT),
                  "--out", str(out)]) == 0
