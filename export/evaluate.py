@@ -746,6 +746,18 @@ def pack_encoder(pack: Any, threads: int = 1) -> Callable[..., np.ndarray] | Non
     return encode
 
 
+def stream_decode(decoder: Any, codes: np.ndarray, frames: int) -> np.ndarray:
+    """``codes [1, K, F]`` -> audio ``[C, frames * hop]`` from an :class:`engine.codec.DecoderSession`, reset
+    first and stepped as the engine steps it. ``frames`` is rounded up to whole decoder steps; a step that
+    reaches past ``F`` repeats the last frame's codes."""
+    fps = decoder.frames_per_step
+    frames = -(-frames // fps) * fps
+    if frames > codes.shape[-1]:
+        codes = np.pad(codes, ((0, 0), (0, 0), (0, frames - codes.shape[-1])), mode="edge")
+    decoder.reset()
+    return np.concatenate([decoder.step(codes[:, :, f : f + fps]).copy() for f in range(0, frames, fps)], axis=-1)
+
+
 def pack_reconstructor(pack_dir: str | os.PathLike[str]) -> Reconstructor | None:
     """The pack's codec round trip ``clip [C, N] -> reconstruction [C, N']``, or None without ``encoder.onnx``.
 
@@ -763,18 +775,11 @@ def pack_reconstructor(pack_dir: str | os.PathLike[str]) -> Reconstructor | None
     if encode is None:
         return None
     decoder = DecoderSession(pack)
-    hop, fps = pack.audio.hop_length, decoder.frames_per_step
+    hop = pack.audio.hop_length
 
     def reconstruct(clip: np.ndarray) -> np.ndarray:
         n = clip.shape[1]
-        codes = encode(clip, whole=True)[None]
-        frames = -(-n // hop)
-        frames = -(-frames // fps) * fps  # whole decoder steps
-        if frames > codes.shape[-1]:  # the last step reaches past the encoder's length: repeat its last frame
-            codes = np.pad(codes, ((0, 0), (0, 0), (0, frames - codes.shape[-1])), mode="edge")
-        decoder.reset()
-        out = [decoder.step(codes[:, :, f : f + fps]).copy() for f in range(0, frames, fps)]
-        return np.concatenate(out, axis=-1)[:, :n]
+        return stream_decode(decoder, encode(clip, whole=True)[None], -(-n // hop))[:, :n]
 
     reconstruct.latency_samples = decoder.lookahead_samples  # type: ignore[attr-defined]
     return reconstruct

@@ -799,7 +799,8 @@ def token_source(path: str | Path, hysteresis: float = 0.0, device: torch.device
     """
     path = Path(path)
     device = device or torch.device("cpu")
-    if is_pack(path):
+    from_pack = is_pack(path)
+    if from_pack:
         from export.evaluate import pack_encoder
 
         pack, digest, record = pack_codec(path)
@@ -822,7 +823,7 @@ def token_source(path: str | Path, hysteresis: float = 0.0, device: torch.device
         return codec.encode(torch.from_numpy(clip)[None].to(device))[0].cpu().numpy()
 
     c = codec.cfg
-    return TokenSource(path, encode, c.sample_rate, c.n_codebooks, c.codebook_size, digest, record, pack=is_pack(path))
+    return TokenSource(path, encode, c.sample_rate, c.n_codebooks, c.codebook_size, digest, record, pack=from_pack)
 
 
 def unpacked_codec(pack: Any) -> SpectralCodec:
@@ -1079,6 +1080,7 @@ def export_pack(
             from export.conditioner import ConditionerGraph
             from export.lm import LMStep
             from export.pack import EncoderGraph, lm_manifest, replace_lm
+            from export.unpack import encoder_margin
 
             encoder = None
             if cfg.hysteresis:  # the pack's encoder picks nearest codes; this LM learned held ones
@@ -1086,9 +1088,6 @@ def export_pack(
                 codec.quantizer.hysteresis = cfg.hysteresis
                 seconds = base.encoder.input("audio").shape[-1] / base.audio.sample_rate
                 encoder = EncoderGraph(codec, seconds)
-            from export.unpack import encoder_margin
-
-            training["encoder_hysteresis"] = cfg.hysteresis if encoder is not None else encoder_margin(base.info)
             kept = "decoder" if encoder is not None else "decoder, encoder"
             made = (f"; encoder read back from {codec_checkpoint} with hysteresis {cfg.hysteresis:g} "
                     f"({'float16' if float16 else 'float32'})") if encoder is not None else ""
@@ -1099,7 +1098,8 @@ def export_pack(
                 tokenizer_file=tokenizer_file, lm_meta=lm_manifest(lm), prompts=data.prompts(),
                 context=cfg.context, text_len=cfg.text_len, quantize=quantize, float16=float16,
                 training=dict(training, weights=f"lm {quantize}; conditioner {'float16' if float16 else 'float32'}; "
-                              f"{kept} as in {codec_checkpoint} (computed in float32){made}"),
+                              f"{kept} as in {codec_checkpoint} (computed in float32){made}",
+                              encoder_hysteresis=cfg.hysteresis if encoder is not None else encoder_margin(base.info)),
                 source=source, overwrite=overwrite,
             )
         codec.quantizer.hysteresis = cfg.hysteresis  # the pack's encoder makes the tokens the LM learned

@@ -110,14 +110,13 @@ def codec_from_pack(pack: Any, check: bool = True) -> SpectralCodec:
     dec = _initializers(pack.decoder.file)
     state: dict[str, np.ndarray] = {}
     try:
-        for prefix, inits, net, blocks, block in (
-                ("encoder.net.", enc, "codec.encoder.net.", cfg.encoder_blocks, "blocks.{i}."),
-                ("decoder.net.", dec, "", cfg.decoder_blocks, "blocks.{i}.block.")):
+        for prefix, graph, inits, net, blocks, block in (
+                ("encoder.net.", pack.encoder.file, enc, "codec.encoder.net.", cfg.encoder_blocks, "blocks.{i}."),
+                ("decoder.net.", pack.decoder.file, dec, "", cfg.decoder_blocks, "blocks.{i}.block.")):
             for layer in ("inp", "out"):
                 for p in ("weight", "bias"):
                     state[f"{prefix}{layer}.{p}"] = inits[f"{net}{layer}.{p}"]
-            where_graph = pack.encoder.file if prefix.startswith("encoder") else pack.decoder.file
-            for i, (w, b) in enumerate(_folded_norms(inits, cfg.hidden, blocks, where_graph)):
+            for i, (w, b) in enumerate(_folded_norms(inits, cfg.hidden, blocks, graph)):
                 state[f"{prefix}blocks.{i}.norm_weight"], state[f"{prefix}blocks.{i}.norm_bias"] = w, b
                 for layer in ("conv", "out"):
                     for p in ("weight", "bias"):
@@ -155,28 +154,27 @@ def check_codec(codec: SpectralCodec, pack: Any, seconds: float = 2.0, seed: int
     """
     from engine.codec import DecoderSession
     from export import data
-    from export.evaluate import pack_encoder
+    from export.evaluate import pack_encoder, stream_decode
 
     encode = pack_encoder(pack)
     decoder = DecoderSession(pack)
     agree = total = 0
     worst = 0.0
-    for _, clip in data.corpus(seed + 7000, 1, seconds, pack.audio.sample_rate):
-        theirs = encode(clip)
-        with torch.no_grad():
-            codec.quantizer.hysteresis = encoder_margin(pack.info)
-            try:
+    codec.quantizer.hysteresis = encoder_margin(pack.info)
+    try:
+        for _, clip in data.corpus(seed + 7000, 1, seconds, pack.audio.sample_rate):
+            theirs = encode(clip)
+            with torch.no_grad():
                 ours = codec.encode(torch.from_numpy(clip)[None])[0].numpy()
-            finally:
-                codec.quantizer.hysteresis = 0.0
-            audio = codec.decode(torch.from_numpy(theirs)[None])[0].numpy()
-        f = min(theirs.shape[-1], ours.shape[-1])
-        agree += int((theirs[:, :f] == ours[:, :f]).sum())
-        total += theirs[:, :f].size
-        decoder.reset()
-        played = np.concatenate([decoder.step(theirs[None, :, t : t + 1]).copy() for t in range(theirs.shape[-1])], -1)
-        n = min(played.shape[-1], audio.shape[-1])
-        worst = max(worst, float(np.abs(played[..., :n] - audio[..., :n]).max() / max(np.abs(played).max(), 1e-6)))
+                audio = codec.decode(torch.from_numpy(theirs)[None])[0].numpy()
+            f = min(theirs.shape[-1], ours.shape[-1])
+            agree += int((theirs[:, :f] == ours[:, :f]).sum())
+            total += theirs[:, :f].size
+            played = stream_decode(decoder, theirs[None], theirs.shape[-1])
+            n = min(played.shape[-1], audio.shape[-1])
+            worst = max(worst, float(np.abs(played[..., :n] - audio[..., :n]).max() / max(np.abs(played).max(), 1e-6)))
+    finally:
+        codec.quantizer.hysteresis = 0.0
     result = {"codes_equal": agree / total, "audio_error": worst}
     if result["codes_equal"] < 0.99 or result["audio_error"] > 1e-3:
         raise UnpackError(f"{pack.path}: the codec read back from its graphs does not match them (codes equal "
