@@ -471,16 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = trs.add_parser("decoder", parents=[run],
                        help="fine-tune the codec's decoder on its frozen tokens (the LM stays valid)")
     p.add_argument("--out", type=Path, default=root / "decoder", help="run folder (default out/train/decoder)")
-    p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt", help="codec checkpoint")
+    p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt",
+                   help="codec checkpoint, or a pack folder whose codec is read back from its graphs and whose "
+                        "decoder is fine-tuned from where the pack has it (e.g. packs/default)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
     p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt",
-                   help="codec checkpoint, or the pack folder the LM was trained on (its decoder and encoder "
-                        "are kept; --out may be that folder, with --force)")
-    p.add_argument("--lm", type=Path, default=root / "lm" / "checkpoint.pt", help="LM checkpoint")
+                   help="codec checkpoint, or the pack folder the LM or decoder was trained on (what is not "
+                        "replaced is kept; --out may be that folder, with --force)")
+    p.add_argument("--lm", type=Path, default=None,
+                   help="LM checkpoint (default out/train/lm/checkpoint.pt; with --codec PACK and --decoder, "
+                        "leaving it out keeps the pack's LM)")
     p.add_argument("--decoder", type=Path, default=None,
-                   help="a `cicada train decoder` checkpoint whose decoder replaces the codec's")
+                   help="a `cicada train decoder` checkpoint whose decoder replaces the codec's (or the pack's)")
     p.add_argument("--quantize", choices=["none", "int8"], default="int8", help="LM weights (default int8)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)

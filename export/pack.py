@@ -49,6 +49,23 @@ class PackSpec:
     sampling: dict[str, float | int] = field(default_factory=dict)  # the manifest's [sampling] (engine.pack.Pack)
 
 
+@dataclass
+class TextSide:
+    """The LM side of a pack: the LM step graph (``export.lm.LMStep``), the conditioner
+    (``export.conditioner.ConditionerGraph``), the tokenizer file, the ``[lm]`` keys that describe the model
+    (:func:`lm_manifest`), the known prompts, the ring-cache length, the prompt length and the LM's
+    quantization (``"none"`` or ``"int8"``)."""
+
+    lm_step: nn.Module
+    conditioner: nn.Module
+    tokenizer_file: str | Path
+    lm_meta: dict[str, Any]
+    prompts: list[str]
+    context: int
+    text_len: int
+    quantize: str = "none"
+
+
 def _tensor_table(spec: GraphSpec) -> dict[str, list[dict]]:
     return {
         "inputs": [t.to_manifest() for t in spec.inputs],
@@ -94,11 +111,9 @@ def build_pack(
     tmp = _staging(out, overwrite)
     try:
         with torch.no_grad():
-            _export(decoder_step.eval(), decoder_step.spec, decoder_step.example_inputs(), tmp / "decoder.onnx",
-                    "decoder step", float16)
-            text_side = _export_text_side(tmp, lm_step, conditioner, tokenizer_file, lm_meta, context=spec.context,
-                                          text_len=spec.text_len, quantize=spec.quantize, prompts=spec.prompts,
-                                          float16=float16)
+            decoder_table = _export_decoder(tmp, decoder_step, spec.frames_per_step, float16)
+            text_side = _export_text_side(tmp, TextSide(lm_step, conditioner, tokenizer_file, lm_meta, spec.prompts,
+                                                        spec.context, spec.text_len, spec.quantize), float16)
             encoder_table = _export_encoder(tmp, encoder, float16) if encoder is not None else None
 
         doc: dict[str, Any] = {
@@ -117,13 +132,7 @@ def build_pack(
                 "special_token": spec.cardinality,
                 "delays": list(spec.delays),
             },
-            "decoder": {
-                "file": "decoder.onnx",
-                "frames_per_step": spec.frames_per_step,
-                "lookahead_samples": int(decoder_step.lookahead_samples),
-                "causal": int(decoder_step.lookahead_samples) == 0,
-                **_tensor_table(decoder_step.spec),
-            },
+            "decoder": decoder_table,
             **text_side,
         }
         if encoder_table is not None:
@@ -140,45 +149,51 @@ def build_pack(
         raise
 
 
-def replace_lm(
+def derive_pack(
     base: str | Path,
     out: str | Path,
     *,
-    lm_step: nn.Module,
-    conditioner: nn.Module,
-    tokenizer_file: str | Path,
-    lm_meta: dict[str, Any],
-    prompts: list[str],
-    context: int,
-    text_len: int,
-    quantize: str = "none",
+    text_side: TextSide | None = None,
+    decoder_step: nn.Module | None = None,
+    encoder: nn.Module | None = None,
     float16: bool = False,
     training: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
-    encoder: nn.Module | None = None,
 ) -> packfmt.Pack:
-    """A pack with ``base``'s codec graphs (decoder, encoder) and a new LM, conditioner and tokenizer.
+    """A pack made of ``base`` with some of its parts replaced; the others are copied byte for byte.
 
-    What ``cicada train pack --codec PACK`` writes for an LM trained on a pack's own tokens
-    (``cicada train lm --codec PACK``). The manifest keeps ``base``'s audio, codebook, decoder and encoder
-    tables and its sampling; ``training`` entries replace or add to its ``[training]``. ``out`` may be
-    ``base`` itself (with ``overwrite``): the new pack is staged beside it and renamed into place.
-    ``encoder`` (an :class:`EncoderGraph` of ``base``'s codec) is exported in place of ``base``'s encoder
-    graph: for an LM trained on codes that graph does not pick (``--hysteresis``).
+    - ``text_side``: a new LM, conditioner and tokenizer (``cicada train pack --codec PACK --lm CKPT``, for
+      an LM trained on ``base``'s tokens);
+    - ``decoder_step``: a new decoder graph for ``base``'s codes (a ``StreamingDecoder`` of ``base``'s codec
+      with a fine-tuned decoder: ``--decoder CKPT``), stepping ``base``'s ``frames_per_step``;
+    - ``encoder``: an :class:`EncoderGraph` of ``base``'s codec, for an LM trained on codes ``base``'s
+      encoder graph does not pick (``--hysteresis``).
+
+    The manifest keeps ``base``'s audio and codebook tables and its sampling; ``training`` entries replace
+    or add to its ``[training]``. ``out`` may be ``base`` itself (with ``overwrite``): the new pack is
+    staged beside it and renamed into place.
     """
+    if text_side is None and decoder_step is None and encoder is None:
+        raise ValueError("derive_pack: nothing to replace (give a text side, a decoder or an encoder)")
     base_pack = packfmt.load(base)
     doc = tomllib.loads((base_pack.path / packfmt.MANIFEST).read_text(encoding="utf-8"))
     tmp = _staging(Path(out), overwrite)
     try:
+        new = {"decoder": decoder_step is not None, "encoder": encoder is not None}
         for name in ("decoder", "encoder"):
-            if name in doc and not (name == "encoder" and encoder is not None):
+            if name in doc and not new[name]:
                 shutil.copyfile(base_pack.path / doc[name]["file"], tmp / doc[name]["file"])
+        if text_side is None:
+            for name in {doc["lm"]["file"], doc["conditioner"]["file"], doc["conditioner"]["tokenizer"]}:
+                shutil.copyfile(base_pack.path / name, tmp / name)
         with torch.no_grad():
+            if decoder_step is not None:
+                doc["decoder"] = _export_decoder(tmp, decoder_step, base_pack.decoder["frames_per_step"], float16)
             if encoder is not None:
                 doc["encoder"] = _export_encoder(tmp, encoder, float16)
-            doc.update(_export_text_side(tmp, lm_step, conditioner, tokenizer_file, lm_meta, context=context,
-                                         text_len=text_len, quantize=quantize, prompts=prompts, float16=float16))
+            if text_side is not None:
+                doc.update(_export_text_side(tmp, text_side, float16))
         doc["training"] = {**doc.get("training", {}), **(training or {})}
         if source:
             doc["source"] = {**doc.get("source", {}), **source}
@@ -199,6 +214,15 @@ def _staging(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
+def _export_decoder(tmp: Path, decoder_step: nn.Module, frames_per_step: int, float16: bool) -> dict[str, Any]:
+    """Export a streaming decoder step as ``tmp/decoder.onnx``; returns the manifest's ``decoder`` table."""
+    _export(decoder_step.eval(), decoder_step.spec, decoder_step.example_inputs(), tmp / "decoder.onnx",
+            "decoder step", float16)
+    lookahead = int(decoder_step.lookahead_samples)
+    return {"file": "decoder.onnx", "frames_per_step": frames_per_step, "lookahead_samples": lookahead,
+            "causal": lookahead == 0, **_tensor_table(decoder_step.spec)}
+
+
 def _export_encoder(tmp: Path, encoder: nn.Module, float16: bool) -> dict[str, Any]:
     """Export an :class:`EncoderGraph` as ``tmp/encoder.onnx``; returns the manifest's ``encoder`` table."""
     # its analysis basis feeds a logarithm: kept float32 (store_float16)
@@ -207,39 +231,37 @@ def _export_encoder(tmp: Path, encoder: nn.Module, float16: bool) -> dict[str, A
     return {"file": "encoder.onnx", **_tensor_table(encoder.spec)}
 
 
-def _export_text_side(tmp: Path, lm_step: nn.Module, conditioner: nn.Module, tokenizer_file: str | Path,
-                      lm_meta: dict[str, Any], *, context: int, text_len: int, quantize: str, prompts: list[str],
-                      float16: bool) -> dict[str, Any]:
-    """Export the LM step (quantized as ``quantize`` says) and the conditioner into ``tmp``, copy the
+def _export_text_side(tmp: Path, side: TextSide, float16: bool) -> dict[str, Any]:
+    """Export the LM step (quantized as ``side.quantize`` says) and the conditioner into ``tmp``, copy the
     tokenizer; returns the manifest's ``lm``, ``conditioner`` and ``prompts`` tables."""
-    _export(conditioner.eval(), conditioner.spec, conditioner.example_inputs(), tmp / "conditioner.onnx",
-            "conditioner", float16)
+    _export(side.conditioner.eval(), side.conditioner.spec, side.conditioner.example_inputs(),
+            tmp / "conditioner.onnx", "conditioner", float16)
     lm_file = tmp / "lm.onnx"
-    _export(lm_step.eval(), lm_step.spec, lm_step.example_inputs(), lm_file, "LM step")
-    if quantize == "int8":
+    _export(side.lm_step.eval(), side.lm_step.spec, side.lm_step.example_inputs(), lm_file, "LM step")
+    if side.quantize == "int8":
         fp32 = tmp / "lm.fp32.onnx"
         lm_file.rename(fp32)
         quantize_int8(fp32, lm_file)
         fp32.unlink()
-    elif quantize != "none":
-        raise ValueError(f"--quantize {quantize!r}: choose none or int8")
-    shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+    elif side.quantize != "none":
+        raise ValueError(f"--quantize {side.quantize!r}: choose none or int8")
+    shutil.copyfile(side.tokenizer_file, tmp / "tokenizer.json")
     return {
         "lm": {
             "file": "lm.onnx",
-            "context": context,
+            "context": side.context,
             "batch": 2,
-            "quantization": quantize,
-            **lm_meta,
-            **_tensor_table(lm_step.spec),
+            "quantization": side.quantize,
+            **side.lm_meta,
+            **_tensor_table(side.lm_step.spec),
         },
         "conditioner": {
             "file": "conditioner.onnx",
             "tokenizer": "tokenizer.json",
-            "max_tokens": text_len,
-            **_tensor_table(conditioner.spec),
+            "max_tokens": side.text_len,
+            **_tensor_table(side.conditioner.spec),
         },
-        "prompts": {"known": list(prompts)},
+        "prompts": {"known": list(side.prompts)},
     }
 
 

@@ -648,18 +648,25 @@ def load_codec(path: str | Path, decoder: str | Path | None = None) -> tuple[Cod
     codec.load_state_dict(state["model"])
     record = dict(state["record"])
     if decoder is not None:
-        dstate = load_checkpoint(Path(decoder), "decoder")
-        drec = dstate.get("record", {})
-        if drec.get("stage") != "decoder":
-            raise TrainError(f"{decoder}: not a decoder checkpoint (run `cicada train decoder` first)")
-        if drec.get("codec_digest") != file_digest(Path(path)):
-            raise TrainError(f"{decoder} was fine-tuned on another codec than {path}; "
-                             "run `cicada train decoder --fresh` for this codec")
-        if isinstance(codec, SpectralCodec):
-            codec.set_stereo_phase(saved_config("decoder", dstate["config"])["stereo_phase"])
-        codec.decoder.load_state_dict(dstate["model"])
-        record["decoder"] = {k: v for k, v in drec.items() if k != "codec_record"}
+        record["decoder"] = load_decoder(codec, decoder, file_digest(Path(path)), path)
     return codec.eval(), record
+
+
+def load_decoder(codec: Codec | SpectralCodec, path: str | Path, codec_digest: str, codec_name: str | Path
+                 ) -> dict[str, Any]:
+    """Put the decoder weights of a ``cicada train decoder`` checkpoint into ``codec`` (the codec called
+    ``codec_name``, whose tokens have ``codec_digest``); returns the fine-tune's record."""
+    dstate = load_checkpoint(Path(path), "decoder")
+    drec = dstate.get("record", {})
+    if drec.get("stage") != "decoder":
+        raise TrainError(f"{path}: not a decoder checkpoint (run `cicada train decoder` first)")
+    if drec.get("codec_digest") != codec_digest:
+        raise TrainError(f"{path} was fine-tuned on another codec than {codec_name}; "
+                         f"run `cicada train decoder --codec {codec_name} --fresh` for this codec")
+    if isinstance(codec, SpectralCodec):
+        codec.set_stereo_phase(saved_config("decoder", dstate["config"])["stereo_phase"])
+    codec.decoder.load_state_dict(dstate["model"])
+    return {k: v for k, v in drec.items() if k != "codec_record"}
 
 
 def link_stereo_phase(codec: SpectralCodec, mode: str) -> None:
@@ -688,12 +695,22 @@ def train_decoder(
     quiet: bool = False,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune (or resume fine-tuning) a trained codec's decoder on its own frozen tokens."""
+    """Fine-tune (or resume fine-tuning) a trained codec's decoder on its own frozen tokens.
+
+    ``codec_checkpoint`` may be a pack folder instead: its codec is read back from its graphs
+    (:func:`export.unpack.codec_from_pack`) and its decoder fine-tuned from where the pack has it;
+    ``cicada train pack --codec PACK --decoder CKPT`` then puts the result in a copy of the pack.
+    """
     out = Path(out)
     ckpt_path = out / CHECKPOINT
     dev = pick_device(device)
-    codec, _ = load_codec(codec_checkpoint)
-    digest = file_digest(Path(codec_checkpoint))
+    from_pack = is_pack(codec_checkpoint)
+    if from_pack:
+        base, digest, _ = pack_codec(Path(codec_checkpoint))
+        codec: Codec | SpectralCodec = unpacked_codec(base, "to fine-tune the decoder of a pack")
+    else:
+        codec, _ = load_codec(codec_checkpoint)
+        digest = file_digest(Path(codec_checkpoint))
     state = None
     if ckpt_path.exists() and not fresh:
         state = load_checkpoint(ckpt_path, "decoder")
@@ -718,7 +735,8 @@ def train_decoder(
         loop.step, loop.elapsed, loop.smooth.values = state["step"], state["elapsed"], state["losses"]
     sr = codec.cfg.sample_rate
     record = dict(stage="decoder", config=dataclasses.asdict(cfg), device=device_record(dev), codec_digest=digest,
-                  command=command or "cicada train decoder", commit=git_commit())
+                  command=command or "cicada train decoder", commit=git_commit(),
+                  **({"codec_pack": str(codec_checkpoint)} if from_pack else {}))
 
     def checkpoint() -> None:
         record.update(step=loop.step, elapsed_minutes=round(loop.elapsed / 60, 2), losses=loop.smooth.values)
@@ -826,14 +844,15 @@ def token_source(path: str | Path, hysteresis: float = 0.0, device: torch.device
     return TokenSource(path, encode, c.sample_rate, c.n_codebooks, c.codebook_size, digest, record, pack=from_pack)
 
 
-def unpacked_codec(pack: Any) -> SpectralCodec:
-    """The pack's codec in PyTorch (:func:`export.unpack.codec_from_pack`), its errors as :class:`TrainError`."""
+def unpacked_codec(pack: Any, need: str = "for --hysteresis with a pack") -> SpectralCodec:
+    """The pack's codec in PyTorch (:func:`export.unpack.codec_from_pack`), its errors as :class:`TrainError`
+    that say what it was ``need``-ed for."""
     from export.unpack import UnpackError, codec_from_pack
 
     try:
         return codec_from_pack(pack)
     except UnpackError as exc:
-        raise TrainError(f"{exc} (needed for --hysteresis with a pack)") from None
+        raise TrainError(f"{exc} (needed {need})") from None
 
 
 def encode_corpus(tokens: TokenSource, cfg: LMTrainConfig, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -1034,7 +1053,7 @@ def export_pack(
     out: str | Path = "packs/default",
     *,
     codec_checkpoint: str | Path = DEFAULT_ROOT / "codec" / CHECKPOINT,
-    lm_checkpoint: str | Path = DEFAULT_ROOT / "lm" / CHECKPOINT,
+    lm_checkpoint: str | Path | None = None,
     decoder_checkpoint: str | Path | None = None,
     quantize: str = "int8",
     overwrite: bool = False,
@@ -1044,68 +1063,28 @@ def export_pack(
     """Export the trained models as a pack with the whole training record in its manifest.
 
     The LM is quantized as ``quantize`` says; with ``float16`` the other graphs store their weights as
-    float16 (they still compute in float32), which keeps the default pack under 50 MB.
+    float16 (they still compute in float32), which keeps the default pack under 50 MB. ``lm_checkpoint``
+    defaults to ``out/train/lm/checkpoint.pt``.
 
-    ``codec_checkpoint`` may be a pack folder instead, for an LM trained on its tokens (``cicada train lm
-    --codec PACK``): the new pack then keeps that pack's decoder and encoder graphs as they are
-    (:func:`export.pack.replace_lm`), and ``out`` may be that same folder.
+    ``codec_checkpoint`` may be a pack folder instead (:func:`export_from_pack`): for an LM trained on its
+    tokens (``cicada train lm --codec PACK``), for a decoder fine-tuned on them (``cicada train decoder
+    --codec PACK``), or both. What is not replaced is kept byte for byte, and ``out`` may be that same folder.
     """
     from export.pack import pack_models
 
-    from_pack = is_pack(codec_checkpoint)
-    if from_pack:
-        if decoder_checkpoint is not None:
-            raise TrainError(f"--decoder cannot replace the decoder of pack {codec_checkpoint}; pass the codec "
-                             "checkpoint it was fine-tuned for as --codec")
-        base, codec_digest, codec_record = pack_codec(Path(codec_checkpoint))
-    else:
-        codec, codec_record = load_codec(codec_checkpoint, decoder_checkpoint)
-        codec_digest = file_digest(Path(codec_checkpoint))
-    lm, text, tok, lm_record = load_lm(lm_checkpoint)
-    if lm_record["codec_digest"] != codec_digest:
-        raise TrainError(f"{lm_checkpoint} was trained on the tokens of another codec than {codec_checkpoint}; "
-                         f"train the LM again (`cicada train lm --codec {codec_checkpoint} --fresh`)")
+    if is_pack(codec_checkpoint):
+        return export_from_pack(out, Path(codec_checkpoint), lm_checkpoint=lm_checkpoint,
+                                decoder_checkpoint=decoder_checkpoint, quantize=quantize, overwrite=overwrite,
+                                command=command, float16=float16)
+    codec, codec_record = load_codec(codec_checkpoint, decoder_checkpoint)
+    lm, text, tok, lm_record = _checked_lm(lm_checkpoint, file_digest(Path(codec_checkpoint)), codec_checkpoint)
     cfg = LMTrainConfig(**saved_config("lm", lm_record["config"]))
-    lm_record = {k: v for k, v in lm_record.items() if k != "codec_record"}
-    training = dict(
-        lm=dataclasses.asdict(lm.cfg),
-        text_encoder=dataclasses.asdict(text.cfg),
-        lm_training=_tomlable(lm_record),
-        export_command=command or "cicada train pack",
-    )
-    source = {"kind": "trained", "corpus": "export.data", "commit": git_commit() or "unknown"}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_file = tok.save(Path(tmp) / "tokenizer.json")
-        if from_pack:
-            from export.conditioner import ConditionerGraph
-            from export.lm import LMStep
-            from export.pack import EncoderGraph, lm_manifest, replace_lm
-            from export.unpack import encoder_margin
-
-            encoder = None
-            if cfg.hysteresis:  # the pack's encoder picks nearest codes; this LM learned held ones
-                codec = unpacked_codec(base)
-                codec.quantizer.hysteresis = cfg.hysteresis
-                seconds = base.encoder.input("audio").shape[-1] / base.audio.sample_rate
-                encoder = EncoderGraph(codec, seconds)
-            kept = "decoder" if encoder is not None else "decoder, encoder"
-            made = (f"; encoder read back from {codec_checkpoint} with hysteresis {cfg.hysteresis:g} "
-                    f"({'float16' if float16 else 'float32'})") if encoder is not None else ""
-            return replace_lm(
-                codec_checkpoint, out, encoder=encoder,
-                lm_step=LMStep(lm, batch=2, context=cfg.context, text_len=cfg.text_len),
-                conditioner=ConditionerGraph(text, lm, text_len=cfg.text_len),
-                tokenizer_file=tokenizer_file, lm_meta=lm_manifest(lm), prompts=data.prompts(),
-                context=cfg.context, text_len=cfg.text_len, quantize=quantize, float16=float16,
-                training=dict(training, weights=f"lm {quantize}; conditioner {'float16' if float16 else 'float32'}; "
-                              f"{kept} as in {codec_checkpoint} (computed in float32){made}",
-                              encoder_hysteresis=cfg.hysteresis if encoder is not None else encoder_margin(base.info)),
-                source=source, overwrite=overwrite,
-            )
         codec.quantizer.hysteresis = cfg.hysteresis  # the pack's encoder makes the tokens the LM learned
         training = dict(
             codec=dataclasses.asdict(codec.cfg),
-            **training,
+            **_lm_training(lm, text, lm_record, command),
             codec_training=_tomlable(codec_record),
             weights=f"lm {quantize}; decoder, conditioner, encoder {'float16' if float16 else 'float32'} "
                     "(computed in float32)",
@@ -1124,13 +1103,103 @@ def export_pack(
             context=cfg.context,
             text_len=cfg.text_len,
             quantize=quantize,
-            source=source,
+            source=_pack_source(),
             training=training,
             sampling=dict(PACK_SAMPLING),
             overwrite=overwrite,
             encoder=codec,
             float16=float16,
         )
+
+
+def _checked_lm(path: str | Path | None, codec_digest: str, codec_name: str | Path
+                ) -> tuple[LM, TextEncoder, WordTokenizer, dict[str, Any]]:
+    """:func:`load_lm`, refused unless the LM was trained on the tokens whose digest is ``codec_digest``."""
+    path = DEFAULT_ROOT / "lm" / CHECKPOINT if path is None else path
+    lm, text, tok, record = load_lm(path)
+    if record["codec_digest"] != codec_digest:
+        raise TrainError(f"{path} was trained on the tokens of another codec than {codec_name}; "
+                         f"train the LM again (`cicada train lm --codec {codec_name} --fresh`)")
+    return lm, text, tok, record
+
+
+def _lm_training(lm: LM, text: TextEncoder, lm_record: dict[str, Any], command: str | None) -> dict[str, Any]:
+    """The ``[training]`` entries an exported LM brings: its config, its text encoder's and its record."""
+    return dict(lm=dataclasses.asdict(lm.cfg), text_encoder=dataclasses.asdict(text.cfg),
+                lm_training=_tomlable({k: v for k, v in lm_record.items() if k != "codec_record"}),
+                export_command=command or "cicada train pack")
+
+
+def _pack_source() -> dict[str, str]:
+    return {"kind": "trained", "corpus": "export.data", "commit": git_commit() or "unknown"}
+
+
+def export_from_pack(
+    out: str | Path,
+    base_path: Path,
+    *,
+    lm_checkpoint: str | Path | None = None,
+    decoder_checkpoint: str | Path | None = None,
+    quantize: str = "int8",
+    overwrite: bool = False,
+    command: str | None = None,
+    float16: bool = True,
+):
+    """The pack ``base_path`` with a new LM side, a fine-tuned decoder, or both (:func:`export.pack.derive_pack`).
+
+    - ``lm_checkpoint``: an LM trained on ``base``'s tokens. One trained on held codes (``--hysteresis``)
+      also gets an encoder graph that holds codes at its margin (``base``'s codec read back from its graphs).
+      Without it, the default LM checkpoint is used unless ``decoder_checkpoint`` is given: then ``base``'s
+      LM, conditioner and tokenizer are kept.
+    - ``decoder_checkpoint``: a ``cicada train decoder --codec PACK`` checkpoint of ``base``; its decoder
+      graph replaces ``base``'s, and its record becomes ``[training.codec_training.decoder]`` (the one it
+      replaced kept inside it as ``previous``).
+    """
+    from export.pack import EncoderGraph, TextSide, derive_pack, lm_manifest
+    from export.unpack import encoder_margin
+
+    base, codec_digest, _ = pack_codec(base_path)
+    fmt = "float16" if float16 else "float32"
+    training: dict[str, Any] = {}
+    new: list[str] = []  # what the weights line says was made here
+    codec: SpectralCodec | None = None
+    decoder_step = encoder = None
+    if decoder_checkpoint is not None:
+        codec = unpacked_codec(base, "to export a decoder fine-tuned on a pack")
+        drec = load_decoder(codec, decoder_checkpoint, codec_digest, base_path)
+        before = base.info.get("training", {}).get("codec_training", {})
+        training["codec"] = dataclasses.asdict(codec.cfg)  # the fine-tune may have linked the stereo phase
+        training["codec_training"] = _tomlable(
+            dict(before, decoder=dict(drec, **({"previous": before["decoder"]} if "decoder" in before else {}))))
+        decoder_step = codec.eval().streaming_decoder(base.decoder["frames_per_step"])
+        new.append(f"decoder fine-tuned from {base_path}'s ({fmt})")
+    with tempfile.TemporaryDirectory() as tmp:
+        text_side = None
+        if lm_checkpoint is not None or decoder_checkpoint is None:
+            from export.conditioner import ConditionerGraph
+            from export.lm import LMStep
+
+            lm, text, tok, lm_record = _checked_lm(lm_checkpoint, codec_digest, base_path)
+            cfg = LMTrainConfig(**saved_config("lm", lm_record["config"]))
+            training.update(_lm_training(lm, text, lm_record, command))
+            text_side = TextSide(LMStep(lm, batch=2, context=cfg.context, text_len=cfg.text_len),
+                                 ConditionerGraph(text, lm, text_len=cfg.text_len), tok.save(Path(tmp) / "tokenizer.json"),
+                                 lm_manifest(lm), data.prompts(), cfg.context, cfg.text_len, quantize)
+            if cfg.hysteresis:  # the pack's encoder picks nearest codes; this LM learned held ones
+                codec = codec or unpacked_codec(base)
+                codec.quantizer.hysteresis = cfg.hysteresis
+                encoder = EncoderGraph(codec, base.encoder.input("audio").shape[-1] / base.audio.sample_rate)
+                new.append(f"encoder read back from {base_path} with hysteresis {cfg.hysteresis:g} ({fmt})")
+        training["encoder_hysteresis"] = cfg.hysteresis if encoder is not None else encoder_margin(base.info)
+        if text_side is None:
+            training["export_command"] = command or "cicada train pack"
+        kept = [part for part, replaced in (("lm, conditioner", text_side is not None),
+                                            ("decoder", decoder_step is not None), ("encoder", encoder is not None))
+                if not replaced]
+        made = [f"lm {quantize}; conditioner {fmt}"] if text_side is not None else []
+        training["weights"] = "; ".join([*made, f"{', '.join(kept)} as in {base_path} (computed in float32)", *new])
+        return derive_pack(base_path, out, text_side=text_side, decoder_step=decoder_step, encoder=encoder,
+                           float16=float16, training=training, source=_pack_source(), overwrite=overwrite)
 
 
 def _tomlable(obj: Any) -> Any:
@@ -1204,6 +1273,7 @@ def command_line() -> str:
 
 
 __all__ = [
-    "CodecTrainConfig", "DecoderTrainConfig", "LMTrainConfig", "TrainError", "train_codec", "train_decoder", "train_lm", "export_pack", "load_codec",
+    "CodecTrainConfig", "DecoderTrainConfig", "LMTrainConfig", "TrainError", "train_codec", "train_decoder", "train_lm", "export_pack",
+    "export_from_pack", "load_codec", "load_decoder",
     "load_lm", "encode_corpus", "reword", "spectral_loss", "pick_device", "command_line",
 ]

@@ -281,12 +281,13 @@ def test_an_lm_trains_on_a_packs_tokens_and_replaces_its_lm(base_pack: Path, run
     idx, clip = next(iter(data.corpus(cfg.seed + 2000, cfg.corpus_clips, cfg.corpus_seconds, 32000)))
     assert np.array_equal(codes[0], encode(train.dither(clip, np.random.default_rng(0))))
 
-    # an LM of another codec's tokens, or a decoder checkpoint, is refused with the pack as --codec
+    # an LM of another codec's tokens, or a checkpoint that is no decoder fine-tune, is refused
     with pytest.raises(train.TrainError, match="another codec"):
         train.export_pack(base, codec_checkpoint=base, lm_checkpoint=runs / "lm" / train.CHECKPOINT, overwrite=True)
-    with pytest.raises(train.TrainError, match="--decoder cannot replace"):
+    with pytest.raises(train.TrainError, match="not a decoder checkpoint"):
         train.export_pack(base, codec_checkpoint=base, lm_checkpoint=tmp_path / "lm" / train.CHECKPOINT,
                           decoder_checkpoint=runs / "codec" / train.CHECKPOINT, overwrite=True)
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before  # refusals leave the pack as it was
 
     # in place: the codec graphs stay byte for byte, the LM side and the record are new
     pack = train.export_pack(base, codec_checkpoint=base, lm_checkpoint=tmp_path / "lm" / train.CHECKPOINT,
@@ -483,6 +484,65 @@ def test_decoder_fine_tuning_keeps_the_tokens_and_packs(runs: Path, tmp_path: Pa
     train.train_codec(other, tiny_codec_cfg(1), device="cpu", quiet=True)
     with pytest.raises(train.TrainError, match="another codec"):
         train.load_codec(other / train.CHECKPOINT, tmp_path / "dec" / train.CHECKPOINT)
+
+
+def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Path, runs: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`cicada train decoder --codec PACK`, then `cicada train pack --codec PACK --decoder CKPT` (no --lm):
+    the codec is read back from the pack, its decoder fine-tuned, and only decoder.onnx changes."""
+    from engine import pack as packfmt
+    from engine.generator import Generator, GenParams
+    from engine.sampling import SamplingParams
+    from export.unpack import codec_from_pack
+
+    dec = tmp_path / "dec"
+    assert main(["train", "decoder", "--codec", str(base_pack), "--steps", "2", "--batch", "2", "--threads", "1",
+                 "--out", str(dec)]) == 0
+    assert "decoder: step 2" in capsys.readouterr().out
+    state = torch.load(dec / train.CHECKPOINT, weights_only=False)
+    assert state["record"]["codec_pack"] == str(base_pack)
+    assert state["record"]["codec_digest"] == train.file_digest(base_pack / "encoder.onnx")
+    base = codec_from_pack(packfmt.load(base_pack))
+    assert any(not torch.equal(v, state["model"][k]) for k, v in base.decoder.state_dict().items())  # it trained
+
+    out = tmp_path / "pack"
+    assert main(["train", "pack", "--codec", str(base_pack), "--decoder", str(dec / train.CHECKPOINT),
+                 "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    for name in ("lm.onnx", "conditioner.onnx", "tokenizer.json", "encoder.onnx"):
+        assert (out / name).read_bytes() == (base_pack / name).read_bytes(), name
+    assert (out / "decoder.onnx").read_bytes() != (base_pack / "decoder.onnx").read_bytes()
+    pack = packfmt.load(out)
+    tr, old = pack.info["training"], packfmt.load(base_pack).info["training"]
+    assert tr["lm_training"] == old["lm_training"]  # the kept LM keeps its record
+    assert tr["codec_training"]["decoder"]["step"] == 2 and tr["codec_training"]["step"] == 4
+    assert tr["codec_training"]["decoder"]["codec_pack"] == str(base_pack)
+    assert tr["weights"] == (f"lm, conditioner, encoder as in {base_pack} (computed in float32); "
+                             f"decoder fine-tuned from {base_pack}'s (float16)")
+    assert tr["encoder_hysteresis"] == 0.15
+    # the new graph is the fine-tuned decoder: the pack reads back (checked against its graphs) with its weights
+    tuned = codec_from_pack(pack)
+    for k, v in state["model"].items():  # large weights were stored as float16, small ones as they were
+        got = tuned.decoder.state_dict()[k]
+        assert torch.equal(got, v) or torch.equal(got, v.half().float()), k
+    gen = Generator(pack, seed=1, params=GenParams(prompt=pack.prompts[2], sampling=SamplingParams(1.0)))
+    block = np.concatenate([gen.next_block().copy() for _ in range(5)], axis=-1)
+    assert block.shape[0] == 2 and np.isfinite(block).all()
+
+    # a second fine-tune of the result keeps the first one's record inside its own
+    again = train.train_decoder(tmp_path / "dec2", train.DecoderTrainConfig(steps=1, batch=1, segment=0.1, warmup=1),
+                                codec_checkpoint=out, device="cpu", quiet=True)
+    assert again["codec_pack"] == str(out)
+    packed = train.export_pack(tmp_path / "pack2", codec_checkpoint=out, decoder_checkpoint=tmp_path / "dec2" /
+                               train.CHECKPOINT, float16=False)
+    assert packed.info["training"]["codec_training"]["decoder"]["previous"]["step"] == 2
+    # a decoder fine-tuned on another codec's tokens is refused, and nothing is written
+    train.train_decoder(tmp_path / "dec3", train.DecoderTrainConfig(steps=1, batch=1, segment=0.1, warmup=1),
+                        codec_checkpoint=runs / "codec" / train.CHECKPOINT, device="cpu", quiet=True)
+    with pytest.raises(train.TrainError, match="fine-tuned on another codec"):
+        train.export_pack(tmp_path / "pack3", codec_checkpoint=base_pack,
+                          decoder_checkpoint=tmp_path / "dec3" / train.CHECKPOINT)
+    assert not (tmp_path / "pack3").exists()
 
 
 def test_a_codec_trains_linked_from_the_start_with_stereo_features(tmp_path: Path) -> None:
