@@ -1197,7 +1197,8 @@ def export_from_pack(
                                             ("decoder", decoder_step is not None), ("encoder", encoder is not None))
                 if not replaced]
         made = [f"lm {quantize}; conditioner {fmt}"] if text_side is not None else []
-        training["weights"] = "; ".join([*made, f"{', '.join(kept)} as in {base_path} (computed in float32)", *new])
+        as_in = [f"{', '.join(kept)} as in {base_path} (computed in float32)"] if kept else []
+        training["weights"] = "; ".join([*made, *as_in, *new])
         return derive_pack(base_path, out, text_side=text_side, decoder_step=decoder_step, encoder=encoder,
                            float16=float16, training=training, source=_pack_source(), overwrite=overwrite)
 
