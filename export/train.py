@@ -1254,7 +1254,8 @@ def run_cli(args: Any) -> int:
         decoder = out / CHECKPOINT
         print(f"decoder: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {decoder}"
-              + (f" (pack it with `cicada train pack --decoder {decoder}`)" if args.stage == "decoder" else ""))
+              + (f" (pack it with `cicada train pack{f' --codec {codec}' if is_pack(codec) else ''} "
+                 f"--decoder {decoder}`)" if args.stage == "decoder" else ""))
     if args.stage in ("pack", "all"):
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         lm = args.runs / "lm" / CHECKPOINT if args.stage == "all" else args.lm

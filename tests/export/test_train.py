@@ -498,7 +498,9 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     dec = tmp_path / "dec"
     assert main(["train", "decoder", "--codec", str(base_pack), "--steps", "2", "--batch", "2", "--threads", "1",
                  "--out", str(dec)]) == 0
-    assert "decoder: step 2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "decoder: step 2" in printed
+    assert f"pack it with `cicada train pack --codec {base_pack} --decoder {dec / train.CHECKPOINT}`" in printed
     state = torch.load(dec / train.CHECKPOINT, weights_only=False)
     assert state["record"]["codec_pack"] == str(base_pack)
     assert state["record"]["codec_digest"] == train.file_digest(base_pack / "encoder.onnx")
