@@ -1066,16 +1066,16 @@ def export_pack(
     float16 (they still compute in float32), which keeps the default pack under 50 MB. ``lm_checkpoint``
     defaults to ``out/train/lm/checkpoint.pt``.
 
-    ``codec_checkpoint`` may be a pack folder instead (:func:`export_from_pack`): for an LM trained on its
+    ``codec_checkpoint`` may be a pack folder instead (:func:`_export_from_pack`): for an LM trained on its
     tokens (``cicada train lm --codec PACK``), for a decoder fine-tuned on them (``cicada train decoder
     --codec PACK``), or both. What is not replaced is kept byte for byte, and ``out`` may be that same folder.
     """
     from export.pack import pack_models
 
     if is_pack(codec_checkpoint):
-        return export_from_pack(out, Path(codec_checkpoint), lm_checkpoint=lm_checkpoint,
-                                decoder_checkpoint=decoder_checkpoint, quantize=quantize, overwrite=overwrite,
-                                command=command, float16=float16)
+        return _export_from_pack(out, Path(codec_checkpoint), lm_checkpoint=lm_checkpoint,
+                                 decoder_checkpoint=decoder_checkpoint, quantize=quantize, overwrite=overwrite,
+                                 command=command, float16=float16)
     codec, codec_record = load_codec(codec_checkpoint, decoder_checkpoint)
     lm, text, tok, lm_record = _checked_lm(lm_checkpoint, file_digest(Path(codec_checkpoint)), codec_checkpoint)
     cfg = LMTrainConfig(**saved_config("lm", lm_record["config"]))
@@ -1084,7 +1084,8 @@ def export_pack(
         codec.quantizer.hysteresis = cfg.hysteresis  # the pack's encoder makes the tokens the LM learned
         training = dict(
             codec=dataclasses.asdict(codec.cfg),
-            **_lm_training(lm, text, lm_record, command),
+            **_lm_training(lm, text, lm_record),
+            export_command=command or "cicada train pack",
             codec_training=_tomlable(codec_record),
             weights=f"lm {quantize}; decoder, conditioner, encoder {'float16' if float16 else 'float32'} "
                     "(computed in float32)",
@@ -1123,29 +1124,21 @@ def _checked_lm(path: str | Path | None, codec_digest: str, codec_name: str | Pa
     return lm, text, tok, record
 
 
-def _lm_training(lm: LM, text: TextEncoder, lm_record: dict[str, Any], command: str | None) -> dict[str, Any]:
+def _lm_training(lm: LM, text: TextEncoder, lm_record: dict[str, Any]) -> dict[str, Any]:
     """The ``[training]`` entries an exported LM brings: its config, its text encoder's and its record."""
     return dict(lm=dataclasses.asdict(lm.cfg), text_encoder=dataclasses.asdict(text.cfg),
-                lm_training=_tomlable({k: v for k, v in lm_record.items() if k != "codec_record"}),
-                export_command=command or "cicada train pack")
+                lm_training=_tomlable({k: v for k, v in lm_record.items() if k != "codec_record"}))
 
 
 def _pack_source() -> dict[str, str]:
     return {"kind": "trained", "corpus": "export.data", "commit": git_commit() or "unknown"}
 
 
-def export_from_pack(
-    out: str | Path,
-    base_path: Path,
-    *,
-    lm_checkpoint: str | Path | None = None,
-    decoder_checkpoint: str | Path | None = None,
-    quantize: str = "int8",
-    overwrite: bool = False,
-    command: str | None = None,
-    float16: bool = True,
-):
-    """The pack ``base_path`` with a new LM side, a fine-tuned decoder, or both (:func:`export.pack.derive_pack`).
+def _export_from_pack(out: str | Path, base_path: Path, *, lm_checkpoint: str | Path | None,
+                      decoder_checkpoint: str | Path | None, quantize: str, overwrite: bool, command: str | None,
+                      float16: bool):
+    """:func:`export_pack` with a pack as ``--codec`` (its arguments and defaults are there): the pack
+    ``base_path`` with a new LM side, a fine-tuned decoder, or both (:func:`export.pack.derive_pack`).
 
     - ``lm_checkpoint``: an LM trained on ``base``'s tokens. One trained on held codes (``--hysteresis``)
       also gets an encoder graph that holds codes at its margin (``base``'s codec read back from its graphs).
@@ -1160,7 +1153,7 @@ def export_from_pack(
 
     base, codec_digest, _ = pack_codec(base_path)
     fmt = "float16" if float16 else "float32"
-    training: dict[str, Any] = {}
+    training: dict[str, Any] = {"export_command": command or "cicada train pack"}
     new: list[str] = []  # what the weights line says was made here
     codec: SpectralCodec | None = None
     decoder_step = encoder = None
@@ -1181,7 +1174,7 @@ def export_from_pack(
 
             lm, text, tok, lm_record = _checked_lm(lm_checkpoint, codec_digest, base_path)
             cfg = LMTrainConfig(**saved_config("lm", lm_record["config"]))
-            training.update(_lm_training(lm, text, lm_record, command))
+            training.update(_lm_training(lm, text, lm_record))
             text_side = TextSide(LMStep(lm, batch=2, context=cfg.context, text_len=cfg.text_len),
                                  ConditionerGraph(text, lm, text_len=cfg.text_len), tok.save(Path(tmp) / "tokenizer.json"),
                                  lm_manifest(lm), data.prompts(), cfg.context, cfg.text_len, quantize)
@@ -1191,8 +1184,6 @@ def export_from_pack(
                 encoder = EncoderGraph(codec, base.encoder.input("audio").shape[-1] / base.audio.sample_rate)
                 new.append(f"encoder read back from {base_path} with hysteresis {cfg.hysteresis:g} ({fmt})")
         training["encoder_hysteresis"] = cfg.hysteresis if encoder is not None else encoder_margin(base.info)
-        if text_side is None:
-            training["export_command"] = command or "cicada train pack"
         kept = [part for part, replaced in (("lm, conditioner", text_side is not None),
                                             ("decoder", decoder_step is not None), ("encoder", encoder is not None))
                 if not replaced]
@@ -1276,6 +1267,6 @@ def command_line() -> str:
 
 __all__ = [
     "CodecTrainConfig", "DecoderTrainConfig", "LMTrainConfig", "TrainError", "train_codec", "train_decoder", "train_lm", "export_pack",
-    "export_from_pack", "load_codec", "load_decoder",
+    "load_codec", "load_decoder",
     "load_lm", "encode_corpus", "reword", "spectral_loss", "pick_device", "command_line",
 ]
