@@ -9,7 +9,14 @@ makes that port a feedback subscriber. A small keeper thread
   every ``min_interval_s``, and the last value of a fader move always goes),
 - declares the link lost when nothing came from the engine for ``stale_s``
   seconds, and then keeps asking (subscribe, status, the OSCQuery tree)
-  until an engine answers again: a restarted engine is picked up by itself.
+  until an engine answers again: a restarted engine is picked up by itself,
+- reads the whole OSCQuery tree again every ``tree_every_s`` seconds, so a
+  control whose UDP feedback was lost (or late) catches up by itself.
+
+A tree is a snapshot taken when its HTTP request went out. Values that came
+by UDP, or that the panel sent, after that moment are newer than the
+snapshot and win over it; the tree's callback and the UDP callback are
+ordered under one lock, so a stale tree never lands after a newer value.
 
 Callbacks run on the client's threads; the Qt panel turns them into signals.
 
@@ -17,7 +24,7 @@ Callbacks run on the client's threads; the Qt panel turns them into signals.
 
     panel ──set_param──> throttle ──UDP──> engine /cicada/<param>
     panel <──on_message── rx thread <──UDP── replies and feedback (same socket)
-    panel <──on_tree───── keeper thread <──HTTP── OSCQuery tree (at connect)
+    panel <──on_tree───── keeper thread <──HTTP── OSCQuery tree (at connect, then every tree_every_s)
 """
 
 from __future__ import annotations
@@ -272,7 +279,9 @@ class EngineClient:
     """OSC + OSCQuery client of one engine; thread-safe; callbacks on its own threads.
 
     ``on_message(address, args)`` hears every reply and feedback message;
-    ``on_tree(params)`` the parsed OSCQuery tree (after each (re)connection);
+    ``on_tree(params)`` the parsed OSCQuery tree (after each (re)connection, on :meth:`request_tree`, and
+    every ``tree_every_s`` seconds while connected; 0 turns the periodic reading off), its values patched
+    with any newer ones heard or sent while it was being fetched;
     ``on_connection(bool)`` when the link comes up or goes down.
     """
 
@@ -286,6 +295,7 @@ class EngineClient:
         stale_s: float = 3.0,
         retry_s: float = 1.0,
         min_interval_s: float = 0.02,
+        tree_every_s: float = 10.0,
     ) -> None:
         self.host = host
         self.osc_port = int(osc_port)
@@ -293,6 +303,7 @@ class EngineClient:
         self.resubscribe_s = resubscribe_s
         self.stale_s = stale_s
         self.retry_s = retry_s
+        self.tree_every_s = tree_every_s
         self.on_message: MessageCallback | None = None
         self.on_tree: Callable[[list[ParamInfo]], None] | None = None
         self.on_connection: Callable[[bool], None] | None = None
@@ -307,6 +318,10 @@ class EngineClient:
         self._last_sub = -math.inf
         self._need_tree = True
         self._next_tree_try = 0.0
+        self._last_tree = -math.inf
+        # the newest value of each address, heard or sent: (monotonic time, value); guarded by _order
+        self._recent: dict[str, tuple[float, Any]] = {}
+        self._order = threading.Lock()  # one callback at a time: a tree never overtakes a newer value
         self.lease_s: float | None = None
         self.tree: list[ParamInfo] = []
         self.last_status: dict[str, Any] = {}
@@ -373,8 +388,11 @@ class EngineClient:
 
     def set_param(self, name: str, value: Value) -> None:
         """``/cicada/<name> <value>``, at most once per ``min_interval_s`` per parameter (the last value wins)."""
+        now = time.monotonic()
+        with self._order:
+            self._recent[name] = (now, value)
         with self._lock:
-            now_ok = self._throttle.offer(name, value, time.monotonic())
+            now_ok = self._throttle.offer(name, value, now)
         if now_ok:
             self.send(f"{PREFIX}/{name}", value)
         else:
@@ -423,7 +441,7 @@ class EngineClient:
 
     def _handle(self, address: str, args: list[Any]) -> None:
         self.received += 1
-        self._last_rx = time.monotonic()
+        now = self._last_rx = time.monotonic()
         if not self._connected:
             self._connected = True
             self._need_tree = True
@@ -436,12 +454,15 @@ class EngineClient:
         elif address == f"{PREFIX}/status" and args and isinstance(args[0], str):
             with contextlib.suppress(ValueError):
                 self.last_status = json.loads(args[0])
-        cb = self.on_message
-        if cb is not None:
-            try:
-                cb(address, args)
-            except Exception:
-                log.exception("message handler failed on %s", address)
+        with self._order:
+            if len(args) == 1 and address.startswith(PREFIX + "/"):
+                self._recent[address[len(PREFIX) + 1:]] = (now, args[0])
+            cb = self.on_message
+            if cb is not None:
+                try:
+                    cb(address, args)
+                except Exception:
+                    log.exception("message handler failed on %s", address)
 
     def _emit_connection(self, up: bool) -> None:
         cb = self.on_connection
@@ -465,6 +486,8 @@ class EngineClient:
                 self.subscribe()
                 if not self._connected:
                     self.send(f"{PREFIX}/status")  # answered at once, even before the subscription takes
+            if self._connected and self.tree_every_s > 0 and now - self._last_tree >= self.tree_every_s:
+                self._need_tree = True
             if self._need_tree and now >= self._next_tree_try:
                 self._fetch_tree()
             with self._lock:
@@ -473,6 +496,7 @@ class EngineClient:
             self._wake.clear()
 
     def _fetch_tree(self) -> None:
+        asked = time.monotonic()
         try:
             params = parse_tree(fetch_tree(self.host, self.oscquery_port, timeout=1.0))
         except (OSError, ValueError) as exc:
@@ -480,10 +504,20 @@ class EngineClient:
             self._next_tree_try = time.monotonic() + self.retry_s
             return
         self._need_tree = False
-        self.tree = params
-        cb = self.on_tree
-        if cb is not None:
-            try:
-                cb(params)
-            except Exception:
-                log.exception("tree handler failed")
+        self._last_tree = asked
+        with self._lock:
+            unsent = dict(self._throttle.pending)  # the panel's own newest values, not even sent yet
+        with self._order:
+            for p in params:
+                newer = self._recent.get(p.name)
+                value = unsent[p.name] if p.name in unsent else newer[1] if newer and newer[0] >= asked else p.value
+                with contextlib.suppress(TypeError, ValueError):
+                    p.value = p.coerce(value)
+            self._recent = {k: v for k, v in self._recent.items() if v[0] >= asked}  # older ones: in the tree
+            self.tree = params
+            cb = self.on_tree
+            if cb is not None:
+                try:
+                    cb(params)
+                except Exception:
+                    log.exception("tree handler failed")

@@ -246,8 +246,8 @@ class TextControl(Control):
         self.changed.emit(self.edit.text())
 
     def set_value(self, value: Value) -> None:
-        if self.busy:
-            return
+        if self.busy or self.edit.text() == str(value):
+            return  # the same text again (a tree re-read) leaves the cursor where the user put it
         self.edit.setText(str(value))
         self.edit.setCursorPosition(0)  # show the start of a long prompt
 

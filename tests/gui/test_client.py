@@ -1,0 +1,165 @@
+"""The panel's engine client (no Qt) against the engine's real OSC (UDP) and OSCQuery (HTTP) servers over a
+controller of the tiny pack: a tree snapshot that is overtaken by newer values never wins over them, and the
+periodic re-read of the tree heals a control whose feedback datagram was lost."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import pack as packfmt
+from engine.control.controller import Controller
+from engine.control.osc import OscServer
+from engine.control.oscquery import OscQueryServer
+from engine.generator import Generator, GenParams
+from engine.params import Registry
+from gui.client import PREFIX, EngineClient, ParamInfo
+
+WAIT_S = 20.0  # generous: a slow, shared CI machine
+
+
+class OvertakenView:
+    """What the OSCQuery server reads of a registry. Armed with ``late``, the next tree's snapshot is taken,
+    then ``late()`` runs and the reply waits ``hold_s``: whatever ``late`` changes reaches the client by UDP
+    while the tree, with the old values, is still on its way (the race a loaded machine makes by chance)."""
+
+    def __init__(self, registry: Registry, hold_s: float = 0.4) -> None:
+        self.registry = registry
+        self.hold_s = hold_s
+        self.late: Callable[[], None] | None = None
+        self.served: list[dict[str, Any]] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.registry)
+
+    def snapshot(self) -> Any:
+        snap = self.registry.snapshot()
+        self.served.append({p.name: snap[p.name] for p in self.registry})
+        late, self.late = self.late, None
+        if late is not None:
+            late()
+            time.sleep(self.hold_s)
+        return snap
+
+
+@dataclass
+class Heard:
+    """Every value of one parameter the client reported, in the order its callbacks ran."""
+
+    name: str
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    trees: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_message(self, address: str, args: list[Any]) -> None:
+        if address == f"{PREFIX}/{self.name}" and args:
+            with self.lock:
+                self.events.append(("udp", args[0]))
+
+    def on_tree(self, params: list[ParamInfo]) -> None:
+        with self.lock:
+            self.trees += 1
+            self.events.extend(("tree", p.value) for p in params if p.name == self.name)
+
+    def last(self) -> tuple[str, Any] | None:
+        with self.lock:
+            return self.events[-1] if self.events else None
+
+
+@dataclass
+class Engine:
+    registry: Registry
+    controller: Controller
+    osc: OscServer
+    oscquery: OscQueryServer
+    view: OvertakenView
+
+
+@pytest.fixture
+def engine(tiny_pack_dir: Path, tmp_path: Path) -> Iterator[Engine]:
+    pack = packfmt.load(tiny_pack_dir)
+    registry = Registry(values={"prompt": pack.prompts[0]})
+    controller = Controller(registry, Generator(pack, seed=5, params=GenParams(prompt=pack.prompts[0])),
+                            presets_dir=tmp_path / "presets")
+    view = OvertakenView(registry)
+    q = OscQueryServer(view, "127.0.0.1", 0)  # type: ignore[arg-type] (it reads snapshot() and iterates)
+    q.start()
+    osc = OscServer(controller, "127.0.0.1", 0, oscquery_port=q.port)
+    osc.start()
+    q.osc_port = osc.port
+    try:
+        yield Engine(registry, controller, osc, q, view)
+    finally:
+        osc.stop()
+        q.stop()
+        controller.close()
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def connect(engine: Engine, heard: Heard, **kw: Any) -> EngineClient:
+    client = EngineClient("127.0.0.1", engine.osc.port, engine.oscquery.port, **kw)
+    client.on_message = heard.on_message
+    client.on_tree = heard.on_tree
+    client.start()
+    # connected = something came back: the reply to the subscription, which the engine sends once it holds it
+    wait_for(lambda: client.connected and heard.trees >= 1, "the client to connect and read the tree")
+    return client
+
+
+def test_a_tree_overtaken_by_feedback_does_not_undo_it(engine: Engine) -> None:
+    heard = Heard("morph")
+    client = connect(engine, heard, tree_every_s=0)
+    try:
+        assert heard.last() == ("tree", pytest.approx(0.0))
+        engine.view.late = lambda: engine.registry.update({"morph": 0.35}, source="test")
+        trees = heard.trees
+        client.request_tree()
+        wait_for(lambda: heard.trees > trees, "the overtaken tree")
+        assert engine.view.served[-1]["morph"] == pytest.approx(0.0)  # the server sent the old value...
+        with heard.lock:
+            kinds = [k for k, _ in heard.events]
+        assert kinds[-2:] == ["udp", "tree"]  # ...after the feedback had come
+        assert heard.last() == ("tree", pytest.approx(0.35))  # and the client kept the newer one
+        assert [p.value for p in client.tree if p.name == "morph"] == [pytest.approx(0.35)]
+    finally:
+        client.close()
+
+
+def test_a_value_the_client_sent_after_the_snapshot_wins_over_it(engine: Engine) -> None:
+    heard = Heard("gain_db")
+    client = connect(engine, heard, tree_every_s=0)
+    try:
+        engine.view.late = lambda: client.set_param("gain_db", -9.0)
+        trees = heard.trees
+        client.request_tree()
+        wait_for(lambda: heard.trees > trees, "the tree")
+        assert engine.view.served[-1]["gain_db"] == pytest.approx(0.0)
+        assert heard.last() == ("tree", pytest.approx(-9.0))
+        wait_for(lambda: engine.registry.get("gain_db") == pytest.approx(-9.0), "the engine to apply it")
+    finally:
+        client.close()
+
+
+def test_the_periodic_tree_read_heals_a_lost_datagram(engine: Engine) -> None:
+    heard = Heard("morph")
+    client = connect(engine, heard, tree_every_s=0.3)
+    try:
+        # a change whose feedback skips this client, as a datagram lost on the way would
+        engine.registry.update({"morph": 0.6}, source=f"osc:127.0.0.1:{client.local_port}")
+        wait_for(lambda: heard.last() == ("tree", pytest.approx(0.6)), "the next tree to bring the value")
+        with heard.lock:
+            assert ("udp", pytest.approx(0.6)) not in heard.events
+    finally:
+        client.close()
