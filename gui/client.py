@@ -13,10 +13,21 @@ makes that port a feedback subscriber. A small keeper thread
 - reads the whole OSCQuery tree again every ``tree_every_s`` seconds, so a
   control whose UDP feedback was lost (or late) catches up by itself.
 
-A tree is a snapshot taken when its HTTP request went out. Values that came
-by UDP, or that the panel sent, after that moment are newer than the
-snapshot and win over it; the tree's callback and the UDP callback are
-ordered under one lock, so a stale tree never lands after a newer value.
+A tree is a snapshot taken some time after its HTTP request went out.
+Values that came by UDP after that moment are newer than the snapshot and
+win over it, and so do the panel's own values sent up to ``OWN_GRACE_S``
+before it (the engine may serve the tree before it has read a datagram sent
+just before the request; it sends no echo that would correct the panel).
+The tree's callback and the UDP callback are ordered under one lock, so a
+stale tree never lands after a newer value.
+
+The engine answers each value the panel sends with the value it took (a
+reply, to this socket only). While a fader or a key moves a parameter,
+several values are in flight, and the reply to an older one would put the
+control back for a moment, so that a key pressed then steps from the old
+place. A reply that matches a value sent before the newest one in flight (or
+waiting in the throttle) is therefore dropped; one that matches none (the engine clamped it, or another
+client changed it) goes through.
 
 Callbacks run on the client's threads; the Qt panel turns them into signals.
 
@@ -49,6 +60,22 @@ log = logging.getLogger("cicada.gui")
 PREFIX = "/cicada"
 
 Value = float | int | bool | str
+
+OWN_GRACE_S = 1.0
+"""A value the panel sent counts as newer than any tree asked for up to this long after it (seconds)."""
+
+IN_FLIGHT_S = 2.0
+"""A value the panel sent waits this long for its reply (seconds); after that the reply counts as lost."""
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether a reply carries a value the panel sent (OSC floats are 32-bit: compare at that precision)."""
+    if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, str) or isinstance(b, str):
+        return bool(a == b)
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-6)
+    except (TypeError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------- the parameter tree
@@ -319,9 +346,12 @@ class EngineClient:
         self._need_tree = True
         self._next_tree_try = 0.0
         self._last_tree = -math.inf
-        # the newest value of each address, heard or sent: (monotonic time, value); guarded by _order
+        # the newest value of each address, heard or sent: (time a tree must be asked after to be newer than
+        # it, value); guarded by _order
         self._recent: dict[str, tuple[float, Any]] = {}
         self._order = threading.Lock()  # one callback at a time: a tree never overtakes a newer value
+        self._in_flight: dict[str, list[tuple[float, Any]]] = {}  # values sent, oldest first; under _order
+        self.stale_replies = 0  # replies to older values dropped (see the module docstring)
         self.lease_s: float | None = None
         self.tree: list[ParamInfo] = []
         self.last_status: dict[str, Any] = {}
@@ -390,20 +420,41 @@ class EngineClient:
         """``/cicada/<name> <value>``, at most once per ``min_interval_s`` per parameter (the last value wins)."""
         now = time.monotonic()
         with self._order:
-            self._recent[name] = (now, value)
+            self._recent[name] = (now + OWN_GRACE_S, value)
         with self._lock:
             now_ok = self._throttle.offer(name, value, now)
         if now_ok:
-            self.send(f"{PREFIX}/{name}", value)
+            self._send_value(name, value)
         else:
             self._wake.set()
+
+    def _send_value(self, name: str, value: Value) -> None:
+        now = time.monotonic()
+        with self._order:
+            sent = [e for e in self._in_flight.get(name, []) if now - e[0] < IN_FLIGHT_S][-63:]
+            self._in_flight[name] = sent + [(now, value)]
+        self.send(f"{PREFIX}/{name}", value)
+
+    def _stale_reply(self, name: str, value: Any) -> bool:
+        """Whether ``value`` answers one of this client's sends older than the newest one sent or waiting in
+        the throttle (forgetting the sends it answers). Call under ``_order`` (it takes ``_lock`` inside)."""
+        sent = self._in_flight.get(name)
+        if not sent:
+            return False
+        for i, (_, v) in enumerate(sent):
+            if _same_value(v, value):
+                del sent[: i + 1]
+                with self._lock:
+                    waiting = name in self._throttle.pending  # a newer value, held back by the throttle
+                return bool(sent) or waiting
+        return False
 
     def flush(self) -> None:
         """Send the throttled values that are due (the keeper thread does this by itself)."""
         with self._lock:
             due = self._throttle.due(time.monotonic())
         for name, value in due:
-            self.send(f"{PREFIX}/{name}", value)
+            self._send_value(name, value)
 
     def subscribe(self) -> None:
         self._last_sub = time.monotonic()
@@ -456,7 +507,13 @@ class EngineClient:
                 self.last_status = json.loads(args[0])
         with self._order:
             if len(args) == 1 and address.startswith(PREFIX + "/"):
-                self._recent[address[len(PREFIX) + 1:]] = (now, args[0])
+                name = address[len(PREFIX) + 1:]
+                if self._stale_reply(name, args[0]):
+                    self.stale_replies += 1
+                    return
+                mine = self._recent.get(name)
+                if mine is None or mine[0] < now or not _same_value(mine[1], args[0]):
+                    self._recent[name] = (now, args[0])  # (the reply to the newest send keeps its grace)
             cb = self.on_message
             if cb is not None:
                 try:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -121,15 +123,16 @@ def apply_theme(app: QApplication, large: bool = False) -> None:
 
 
 class Bridge(QObject):
-    """Carries the client's callbacks (on its threads) into the GUI thread as queued signals."""
+    """Carries the client's callbacks (on its threads) into the GUI thread as queued signals, each with the
+    time it was heard (``time.monotonic()``): a busy GUI thread may run it after the user has moved on."""
 
-    message = pyqtSignal(str, object)
-    tree = pyqtSignal(object)
+    message = pyqtSignal(str, object, float)
+    tree = pyqtSignal(object, float)
     connection = pyqtSignal(bool)
 
     def attach(self, client: EngineClient) -> None:
-        client.on_message = lambda addr, args: self.message.emit(addr, args)
-        client.on_tree = lambda params: self.tree.emit(params)
+        client.on_message = lambda addr, args: self.message.emit(addr, args, time.monotonic())
+        client.on_tree = lambda params: self.tree.emit(params, time.monotonic())
         client.on_connection = lambda up: self.connection.emit(up)
 
 
@@ -161,6 +164,7 @@ class Panel(QMainWindow):
         self.initial_preset = preset
         self.params: dict[str, ParamInfo] = {}
         self.controls: dict[str, Control] = {}
+        self._moved: dict[str, float] = {}  # when the user last changed each parameter here (monotonic)
         self.learn_buttons: dict[str, QToolButton] = {}
         self.slot_edits: dict[int, TextControl] = {}
         self.slot_buttons: dict[int, QPushButton] = {}
@@ -464,7 +468,12 @@ class Panel(QMainWindow):
 
     def set_param(self, name: str, value: Any) -> None:
         """Send a user's change (throttled to ~50 Hz per parameter by the client)."""
+        self._moved[name] = time.monotonic()
         self.client.set_param(name, value)
+
+    def _newer_here(self, name: str, heard: float) -> bool:
+        """Whether the user moved ``name`` here after a value for it was heard (that value is out of date)."""
+        return self._moved.get(name, -math.inf) > heard
 
     def panic(self) -> None:
         self.client.send(f"{PREFIX}/panic")
@@ -542,7 +551,7 @@ class Panel(QMainWindow):
                 self.initial_preset = None
         self._refresh_status_line()
 
-    def _on_tree(self, params: list[ParamInfo]) -> None:
+    def _on_tree(self, params: list[ParamInfo], heard: float = math.inf) -> None:
         sig = tuple((p.name, p.type, p.low, p.high, p.choices) for p in params)
         self.params = {p.name: p for p in params}
         if sig != self._tree_signature:
@@ -556,13 +565,13 @@ class Panel(QMainWindow):
         else:
             for p in params:
                 ctl = self.controls.get(p.name)
-                if ctl is not None:
+                if ctl is not None and not self._newer_here(p.name, heard):
                     ctl.set_value(p.value)
         for p in params:
             if p.name in ("prompt", "prompt_b") or p.name.startswith("slot_"):
                 self._add_prompts([str(p.value)])
 
-    def _on_message(self, address: str, args: list[Any]) -> None:
+    def _on_message(self, address: str, args: list[Any], heard: float = math.inf) -> None:
         if self._closed or not address.startswith(PREFIX + "/"):
             return
         name = address[len(PREFIX) + 1:]
@@ -610,6 +619,8 @@ class Panel(QMainWindow):
                 return  # an engine without the prompt list: completion from what we have seen
             self.statusBar().showMessage(f"{name}: {text}", 8000)
         elif name in self.controls and args:
+            if self._newer_here(name, heard):
+                return
             self.controls[name].set_value(args[0])
             p = self.params.get(name)
             if p is not None:

@@ -32,13 +32,14 @@ class OvertakenView:
         self.registry = registry
         self.hold_s = hold_s
         self.late: Callable[[], None] | None = None
+        self.frozen: Any = None  # a snapshot to serve once instead of the current values
         self.served: list[dict[str, Any]] = []
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.registry)
 
     def snapshot(self) -> Any:
-        snap = self.registry.snapshot()
+        snap, self.frozen = (self.frozen, None) if self.frozen is not None else (self.registry.snapshot(), None)
         self.served.append({p.name: snap[p.name] for p in self.registry})
         late, self.late = self.late, None
         if late is not None:
@@ -148,6 +149,57 @@ def test_a_value_the_client_sent_after_the_snapshot_wins_over_it(engine: Engine)
         assert engine.view.served[-1]["gain_db"] == pytest.approx(0.0)
         assert heard.last() == ("tree", pytest.approx(-9.0))
         wait_for(lambda: engine.registry.get("gain_db") == pytest.approx(-9.0), "the engine to apply it")
+    finally:
+        client.close()
+
+
+def test_a_value_sent_just_before_the_tree_was_asked_for_wins_over_it(engine: Engine) -> None:
+    """The engine may serve a tree before it has read a datagram the panel sent just before asking (a loaded
+    machine); it sends the panel no echo, so the tree must not put the fader back."""
+    heard = Heard("temperature")
+    client = connect(engine, heard, tree_every_s=0)
+    try:
+        engine.view.frozen = engine.registry.snapshot()  # served as if taken before the datagram was read
+        client.set_param("temperature", 2.5)
+        wait_for(lambda: engine.registry.get("temperature") == pytest.approx(2.5), "the engine to apply it")
+        trees = heard.trees
+        client.request_tree()
+        wait_for(lambda: heard.trees > trees, "the tree")
+        assert engine.view.served[-1]["temperature"] == pytest.approx(1.0)
+        assert heard.last() == ("tree", pytest.approx(2.5))
+    finally:
+        client.close()
+
+
+def test_replies_to_older_values_in_flight_do_not_move_the_control_back(engine: Engine) -> None:
+    """The engine answers every value with the value it took. With an engine slow to take them (a validator
+    that sleeps), the replies to the first values of a fast move come back after the last was sent: they are
+    dropped, so the control never steps back, and the last reply (the value in force) goes through. A value the
+    engine clamps is not one the panel sent, and its reply goes through too."""
+    heard = Heard("temperature")
+    client = connect(engine, heard, tree_every_s=0)
+    engine.registry.add_validator("temperature", lambda v: time.sleep(0.05))
+    try:
+        values = [1.5 + 0.05 * i for i in range(10)]
+        shown: list[tuple[float, float]] = []  # (newest value sent, value a reply would show) per reply heard
+        newest = [0.0]
+
+        def on_message(address: str, args: list[Any]) -> None:
+            heard.on_message(address, args)
+            if address == f"{PREFIX}/temperature":
+                shown.append((newest[0], float(args[0])))
+
+        client.on_message = on_message
+        for v in values:
+            newest[0] = v
+            client.set_param("temperature", v)
+            time.sleep(0.03)  # past the throttle: each value goes out at once
+        wait_for(lambda: heard.last() == ("udp", pytest.approx(values[-1])), "the reply to the last value")
+        assert client.stale_replies >= 1
+        back = [(sent, got) for sent, got in shown if got < sent - 1e-6]
+        assert not back, f"replies that would move the control back from the newest value sent: {back}"
+        client.set_param("temperature", 9.0)  # beyond the range: clamped to 4
+        wait_for(lambda: heard.last() == ("udp", pytest.approx(4.0)), "the clamped value's reply")
     finally:
         client.close()
 
