@@ -25,9 +25,11 @@ The engine answers each value the panel sends with the value it took (a
 reply, to this socket only). While a fader or a key moves a parameter,
 several values are in flight, and the reply to an older one would put the
 control back for a moment, so that a key pressed then steps from the old
-place. A reply that matches a value sent before the newest one in flight (or
-waiting in the throttle) is therefore dropped; one that matches none (the engine clamped it, or another
-client changed it) goes through.
+place. A reply that matches a value sent before the newest one in flight
+(or waiting in the throttle) is therefore dropped; one that matches none
+(the engine clamped it, or another client changed it) goes through. (The
+panel also drops what was heard before the user's latest change but reached
+its GUI thread after it.)
 
 Callbacks run on the client's threads; the Qt panel turns them into signals.
 
