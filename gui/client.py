@@ -325,6 +325,7 @@ class EngineClient:
         retry_s: float = 1.0,
         min_interval_s: float = 0.02,
         tree_every_s: float = 10.0,
+        http_timeout_s: float = 1.0,
     ) -> None:
         self.host = host
         self.osc_port = int(osc_port)
@@ -333,6 +334,7 @@ class EngineClient:
         self.stale_s = stale_s
         self.retry_s = retry_s
         self.tree_every_s = tree_every_s
+        self.http_timeout_s = http_timeout_s
         self.on_message: MessageCallback | None = None
         self.on_tree: Callable[[list[ParamInfo]], None] | None = None
         self.on_connection: Callable[[bool], None] | None = None
@@ -557,7 +559,7 @@ class EngineClient:
     def _fetch_tree(self) -> None:
         asked = time.monotonic()
         try:
-            params = parse_tree(fetch_tree(self.host, self.oscquery_port, timeout=1.0))
+            params = parse_tree(fetch_tree(self.host, self.oscquery_port, timeout=self.http_timeout_s))
         except (OSError, ValueError) as exc:
             log.debug("OSCQuery fetch failed: %s", exc)
             self._next_tree_try = time.monotonic() + self.retry_s
