@@ -165,6 +165,8 @@ class Panel(QMainWindow):
         self.params: dict[str, ParamInfo] = {}
         self.controls: dict[str, Control] = {}
         self._moved: dict[str, float] = {}  # when the user last changed each parameter here (monotonic)
+        # text fields showing text the engine refused: kept until the user sends again or the value changes
+        self._refused: set[str] = set()
         self.learn_buttons: dict[str, QToolButton] = {}
         self.slot_edits: dict[int, TextControl] = {}
         self.slot_buttons: dict[int, QPushButton] = {}
@@ -469,7 +471,18 @@ class Panel(QMainWindow):
     def set_param(self, name: str, value: Any) -> None:
         """Send a user's change (throttled to ~50 Hz per parameter by the client)."""
         self._moved[name] = time.monotonic()
+        self._refused.discard(name)
         self.client.set_param(name, value)
+
+    def _show_value(self, name: str, value: Any, change: bool) -> None:
+        """Put an engine value into its control. A field showing text the engine refused keeps it (the user
+        may be about to fix a typo) through re-reads of the tree (``change`` False); a change of the value
+        (feedback, ``change`` True) replaces it."""
+        ctl = self.controls.get(name)
+        if ctl is None or (name in self._refused and not change):
+            return
+        self._refused.discard(name)
+        ctl.set_value(value)
 
     def _newer_here(self, name: str, heard: float) -> bool:
         """Whether the user moved ``name`` here after a value for it was heard (that value is out of date)."""
@@ -564,9 +577,8 @@ class Panel(QMainWindow):
                 self.focus_prompt()
         else:
             for p in params:
-                ctl = self.controls.get(p.name)
-                if ctl is not None and not self._newer_here(p.name, heard):
-                    ctl.set_value(p.value)
+                if not self._newer_here(p.name, heard):
+                    self._show_value(p.name, p.value, change=False)
         for p in params:
             if p.name in ("prompt", "prompt_b") or p.name.startswith("slot_"):
                 self._add_prompts([str(p.value)])
@@ -617,11 +629,14 @@ class Panel(QMainWindow):
             del self.messages[:-50]
             if name == "error" and where == f"{PREFIX}/prompts":
                 return  # an engine without the prompt list: completion from what we have seen
+            refused = where[len(PREFIX) + 1:] if where.startswith(PREFIX + "/") else ""
+            if name == "error" and isinstance(self.controls.get(refused), TextControl):
+                self._refused.add(refused)  # keep the refused text on screen
             self.statusBar().showMessage(f"{name}: {text}", 8000)
         elif name in self.controls and args:
             if self._newer_here(name, heard):
                 return
-            self.controls[name].set_value(args[0])
+            self._show_value(name, args[0], change=True)
             p = self.params.get(name)
             if p is not None:
                 with contextlib.suppress(TypeError, ValueError):
