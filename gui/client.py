@@ -70,6 +70,17 @@ IN_FLIGHT_S = 2.0
 """A value the panel sent waits this long for its reply (seconds); after that the reply counts as lost."""
 
 
+def _call(cb: Callable[..., None] | None, *args: Any, what: str) -> None:
+    """Run a user callback on the client's thread; one that raises is logged (``what`` failed), and the
+    thread goes on."""
+    if cb is None:
+        return
+    try:
+        cb(*args)
+    except Exception:
+        log.exception("%s failed", what)
+
+
 def _same_value(a: Any, b: Any) -> bool:
     """Whether a reply carries a value the panel sent (OSC floats are 32-bit: compare at that precision)."""
     if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, str) or isinstance(b, str):
@@ -518,20 +529,10 @@ class EngineClient:
                 mine = self._recent.get(name)
                 if mine is None or mine[0] < now or not _same_value(mine[1], args[0]):
                     self._recent[name] = (now, args[0])  # (the reply to the newest send keeps its grace)
-            cb = self.on_message
-            if cb is not None:
-                try:
-                    cb(address, args)
-                except Exception:
-                    log.exception("message handler failed on %s", address)
+            _call(self.on_message, address, args, what=f"message handler on {address}")
 
     def _emit_connection(self, up: bool) -> None:
-        cb = self.on_connection
-        if cb is not None:
-            try:
-                cb(up)
-            except Exception:
-                log.exception("connection handler failed")
+        _call(self.on_connection, up, what="connection handler")
 
     def _keeper_loop(self) -> None:
         while not self._stop.is_set():
@@ -576,9 +577,4 @@ class EngineClient:
                     p.value = p.coerce(value)
             self._recent = {k: v for k, v in self._recent.items() if v[0] >= asked}  # older ones: in the tree
             self.tree = params
-            cb = self.on_tree
-            if cb is not None:
-                try:
-                    cb(params)
-                except Exception:
-                    log.exception("tree handler failed")
+            _call(self.on_tree, params, what="tree handler")

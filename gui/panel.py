@@ -474,19 +474,18 @@ class Panel(QMainWindow):
         self._refused.discard(name)
         self.client.set_param(name, value)
 
-    def _show_value(self, name: str, value: Any, change: bool) -> None:
-        """Put an engine value into its control. A field showing text the engine refused keeps it (the user
-        may be about to fix a typo) through re-reads of the tree (``change`` False); a change of the value
-        (feedback, ``change`` True) replaces it."""
+    def _show_value(self, name: str, value: Any, heard: float, change: bool) -> bool:
+        """Put an engine value heard at ``heard`` into its control; False (and nothing shown) when it is out
+        of date: the user moved ``name`` here after it was heard. A field showing text the engine refused
+        keeps it (the user may be about to fix a typo) through re-reads of the tree (``change`` False); a
+        change of the value (feedback, ``change`` True) replaces it."""
+        if self._moved.get(name, -math.inf) > heard:
+            return False
         ctl = self.controls.get(name)
-        if ctl is None or (name in self._refused and not change):
-            return
-        self._refused.discard(name)
-        ctl.set_value(value)
-
-    def _newer_here(self, name: str, heard: float) -> bool:
-        """Whether the user moved ``name`` here after a value for it was heard (that value is out of date)."""
-        return self._moved.get(name, -math.inf) > heard
+        if ctl is not None and (change or name not in self._refused):
+            self._refused.discard(name)
+            ctl.set_value(value)
+        return True
 
     def panic(self) -> None:
         self.client.send(f"{PREFIX}/panic")
@@ -577,8 +576,7 @@ class Panel(QMainWindow):
                 self.focus_prompt()
         else:
             for p in params:
-                if not self._newer_here(p.name, heard):
-                    self._show_value(p.name, p.value, change=False)
+                self._show_value(p.name, p.value, heard, change=False)
         for p in params:
             if p.name in ("prompt", "prompt_b") or p.name.startswith("slot_"):
                 self._add_prompts([str(p.value)])
@@ -634,9 +632,8 @@ class Panel(QMainWindow):
                 self._refused.add(refused)  # keep the refused text on screen
             self.statusBar().showMessage(f"{name}: {text}", 8000)
         elif name in self.controls and args:
-            if self._newer_here(name, heard):
+            if not self._show_value(name, args[0], heard, change=True):
                 return
-            self._show_value(name, args[0], change=True)
             p = self.params.get(name)
             if p is not None:
                 with contextlib.suppress(TypeError, ValueError):

@@ -125,6 +125,13 @@ def connect(engine: Engine, heard: Heard, **kw: Any) -> EngineClient:
     return client
 
 
+def read_tree_again(client: EngineClient, heard: Heard) -> None:
+    """Ask for the tree and wait until the client has reported it."""
+    trees = heard.trees
+    client.request_tree()
+    wait_for(lambda: heard.trees > trees, "the tree")
+
+
 def test_a_tree_overtaken_by_feedback_does_not_undo_it(engine: Engine) -> None:
     heard = Heard("morph")
     client = connect(engine, heard, tree_every_s=0)
@@ -135,9 +142,7 @@ def test_a_tree_overtaken_by_feedback_does_not_undo_it(engine: Engine) -> None:
             wait_for(lambda: ("udp", pytest.approx(0.35)) in heard.events, "the feedback")
 
         engine.view.late = late
-        trees = heard.trees
-        client.request_tree()
-        wait_for(lambda: heard.trees > trees, "the overtaken tree")
+        read_tree_again(client, heard)
         assert engine.view.served[-1]["morph"] == pytest.approx(0.0)  # the server sent the old value...
         with heard.lock:
             kinds = [k for k, _ in heard.events]
@@ -153,9 +158,7 @@ def test_a_value_the_client_sent_after_the_snapshot_wins_over_it(engine: Engine)
     client = connect(engine, heard, tree_every_s=0)
     try:
         engine.view.late = lambda: client.set_param("gain_db", -9.0)
-        trees = heard.trees
-        client.request_tree()
-        wait_for(lambda: heard.trees > trees, "the tree")
+        read_tree_again(client, heard)
         assert engine.view.served[-1]["gain_db"] == pytest.approx(0.0)
         assert heard.last_tree() == pytest.approx(-9.0)
         wait_for(lambda: engine.registry.get("gain_db") == pytest.approx(-9.0), "the engine to apply it")
@@ -172,10 +175,8 @@ def test_a_value_sent_just_before_the_tree_was_asked_for_wins_over_it(engine: En
     client = connect(engine, heard, tree_every_s=0)
     try:
         engine.view.frozen = engine.registry.snapshot()  # served as if taken before the datagram was read
-        trees = heard.trees
         client.set_param("temperature", 2.5)
-        client.request_tree()
-        wait_for(lambda: heard.trees > trees, "the tree")
+        read_tree_again(client, heard)
         wait_for(lambda: engine.registry.get("temperature") == pytest.approx(2.5), "the engine to apply it")
         assert engine.view.served[-1]["temperature"] == pytest.approx(1.0)
         assert heard.last_tree() == pytest.approx(2.5)
