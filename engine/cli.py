@@ -474,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt",
                    help="codec checkpoint, or a pack folder whose codec is read back from its graphs and whose "
                         "decoder is fine-tuned from where the pack has it (e.g. packs/default)")
+    p.add_argument("--code-noise", type=_fraction, default=None,
+                   help="replace this fraction of the decoder's input codes by random ones while training, so "
+                        "that it renders an LM's less certain codes as their family (default 0)")
+    p.add_argument("--phase-start", choices=["zero", "alternate"], default=None,
+                   help="where the decoder's bins start their accumulated phase: zero (the shipped codec's) or "
+                        "alternate (pi in every odd bin, which keeps a low steady tone from beating; default "
+                        "zero)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")

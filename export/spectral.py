@@ -22,13 +22,15 @@ no lookahead, like the causal SEANet codec.
 Phase. A frame-local network cannot know a tone's absolute phase, so the
 decoder predicts how far each bin's phase *advances* over one hop (the bin's
 instantaneous frequency) and the phase is accumulated from the start of the
-stream, as a phase vocoder does; in the step graph it is a state tensor. Re-
-synthesising the procedural corpus from its true magnitudes and advances this
-way is recognised by ``cicada eval``'s classifier nearly as often as the
-original audio (62 of 66 clips against 66; the misses are mostly prompt 2's
-low hum, whose neighbouring bins should start half a turn apart rather than
-at 0: docs/training.md, "The FM hum through the decoder's synthesis"), while a
-random or fixed phase loses the hums. Training supervises every
+stream, as a phase vocoder does; in the step graph it is a state tensor. It
+starts at ``pi * (k mod 2)`` in bin ``k`` (``phase_start = "alternate"``; codecs
+configured before it start at 0, ``"zero"``), as a tone's neighbouring bins
+are half a turn apart. Re-synthesising the procedural corpus from its true
+magnitudes and advances this way is recognised by ``cicada eval``'s
+classifier about as often as the original audio (65 of 66 clips against 66;
+from 0: 62, losing prompt 2's low hum twice: docs/training.md, "The FM hum
+through the decoder's synthesis"), while a random or fixed phase loses the
+hums. Training supervises every
 bin of every frame directly (:func:`direct_loss`: the log magnitude and the
 advance of the corresponding sqrt-Hann frame of the input) besides the
 multi-resolution spectral loss on the audio.
@@ -71,6 +73,8 @@ LOG_POWER_FLOOR = 1e-8
 TWO_PI = 2.0 * math.pi
 STEREO_PHASES = ("linked", "independent")
 """How a stereo decoder's channels get their phase (see the module docstring)."""
+PHASE_STARTS = ("alternate", "zero")
+"""Where each bin's accumulated phase starts (see the module docstring, "Phase")."""
 
 
 @dataclass
@@ -90,6 +94,7 @@ class SpectralCodecConfig:
     codebook_size: int = 1024
     stereo_phase: str = "linked"  # configs saved before it existed mean "independent" (see from_dict)
     stereo_features: bool = False  # stereo encoder also sees each bin's inter-channel phase (see SpectralEncoder)
+    phase_start: str = "alternate"  # configs saved before it existed mean "zero" (see from_dict)
 
     def __post_init__(self) -> None:
         if self.kind != "spectral":
@@ -97,6 +102,9 @@ class SpectralCodecConfig:
         if self.stereo_phase not in STEREO_PHASES:
             raise ValueError(f"SpectralCodecConfig.stereo_phase must be one of {STEREO_PHASES}, "
                              f"got {self.stereo_phase!r}")
+        if self.phase_start not in PHASE_STARTS:
+            raise ValueError(f"SpectralCodecConfig.phase_start must be one of {PHASE_STARTS}, "
+                             f"got {self.phase_start!r}")
         if self.channels not in (1, 2):
             raise ValueError(f"SpectralCodecConfig.channels must be 1 or 2, got {self.channels}")
         for name in ("sample_rate", "hop", "hidden", "dimension", "kernel_size", "n_codebooks", "codebook_size"):
@@ -137,13 +145,13 @@ class SpectralCodecConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpectralCodecConfig:
-        """The config saved as ``d``; one saved before ``stereo_phase`` or ``stereo_features`` existed loads as
-        it was trained (``"independent"``, no inter-channel features)."""
+        """The config saved as ``d``; one saved before ``stereo_phase``, ``stereo_features`` or ``phase_start``
+        existed loads as it was trained (``"independent"``, no inter-channel features, phases from 0)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown SpectralCodecConfig fields: {sorted(unknown)}")
-        return cls(**{"stereo_phase": "independent", "stereo_features": False, **d})
+        return cls(**{"stereo_phase": "independent", "stereo_features": False, "phase_start": "zero", **d})
 
 
 def hann(n: int) -> torch.Tensor:
@@ -268,8 +276,8 @@ class SpectralDecoder(nn.Module):
                    ) -> torch.Tensor:
         """Log magnitudes, phase advances and offsets ``[B, C, F, N]`` -> audio ``[B, C, F * hop]``.
 
-        The phase of frame ``t`` is the sum of the advances of frames ``0..t`` (so it starts from 0) plus
-        that frame's offset; the frames are inverse-FFT'd, sqrt-Hann windowed and overlap-added (block
+        The phase of frame ``t`` is the start (:func:`start_phase`) plus the sum of the advances of frames
+        ``0..t`` plus that frame's offset; the frames are inverse-FFT'd, sqrt-Hann windowed and overlap-added (block
         ``t`` = first half of frame ``t`` + second half of frame ``t - 1``).
         """
         cfg = self.cfg
@@ -277,7 +285,9 @@ class SpectralDecoder(nn.Module):
         # Each frame's advance learns from its own frame against the phase it inherits: the gradient does
         # not flow back through the whole history (which made it noisy and training slow).
         inherited = (torch.cumsum(advance, dim=2) - advance).detach()
-        phase = inherited + advance if offset is None else inherited + advance + offset
+        phase = inherited + advance + start_phase(self.odd, cfg)
+        if offset is not None:
+            phase = phase + offset
         spec = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
         fr = torch.fft.irfft(spec, n=cfg.n_fft, dim=-1) * self.window  # [B, C, F, 2 * hop]
         b, c, f, _ = fr.shape
@@ -406,6 +416,20 @@ def phase_advance(h: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
     return math.pi * (odd + torch.tanh(h))
 
 
+def start_phase(odd: torch.Tensor, cfg: SpectralCodecConfig) -> torch.Tensor:
+    """Each bin's phase before the first advance, ``[N]``: ``pi * (k mod 2)`` (``"alternate"``) or 0.
+
+    With a sine window over ``n_fft = 2 * hop`` samples, the bins of one partial's main lobe are half a turn
+    apart (``arg X_k = const - pi k``). Starting every bin at 0 puts neighbours in phase, which moves a tone to
+    its frame's edges, where the synthesis window takes most of it away: from its *true* magnitudes and advances, a steady tone between two bins
+    comes back about 8 dB too quiet (or not at all, half-way between them), one whose pitch moves swings in
+    loudness as it crosses the bins, and the corpus's FM hum (prompt 2) is heard as another family. Started
+    at ``pi * (k mod 2)``, the tone comes back at its level (docs/training.md, "The FM hum through the
+    decoder's synthesis").
+    """
+    return odd * math.pi if cfg.phase_start == "alternate" else torch.zeros_like(odd)
+
+
 def phase_channels(h: torch.Tensor, odd: torch.Tensor, linked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's phase channels ``h [..., C, F, N]`` -> (advance, offset), each ``[..., C, F, N]``.
 
@@ -450,7 +474,15 @@ class SpectralCodec(nn.Module):
     def set_stereo_phase(self, mode: str) -> None:
         """Decode stereo phase as ``mode`` (:data:`STEREO_PHASES`) from now on. The weights have the same
         shapes either way; a decoder fine-tuned with another mode than its codec's uses this."""
-        cfg = dataclasses.replace(self.cfg, stereo_phase=mode)
+        self._reconfigure(stereo_phase=mode)
+
+    def set_phase_start(self, start: str) -> None:
+        """Start each bin's accumulated phase as ``start`` (:data:`PHASE_STARTS`) from now on: a decoder
+        fine-tuned with another start than its codec's uses this (the weights are the same shapes)."""
+        self._reconfigure(phase_start=start)
+
+    def _reconfigure(self, **changes: Any) -> None:
+        cfg = dataclasses.replace(self.cfg, **changes)
         self.cfg = self.encoder.cfg = self.decoder.cfg = cfg
 
     def streaming_decoder(self, frames_per_step: int = 1) -> StreamingSpectralDecoder:
@@ -501,6 +533,7 @@ class StreamingSpectralDecoder(CodesStepGraph):
         self.register_buffer("cos_basis", (scale * torch.cos(ang) * win).float())
         self.register_buffer("sin_basis", (-scale * torch.sin(ang) * win).float())
         self.register_buffer("odd", (torch.arange(bins) % 2).float())
+        self.register_buffer("start", start_phase(self.odd, cfg))
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -533,7 +566,7 @@ class StreamingSpectralDecoder(CodesStepGraph):
         mag = torch.exp(log_magnitude(out[0], cfg.n_fft))
         adv, offset = phase_channels(out[1], self.odd, cfg.linked)
         phase = state_in[-2][0][:, None] + torch.cumsum(adv, dim=1)  # [C, F, N]
-        heard = phase + offset if cfg.linked else phase
+        heard = phase + self.start + offset if cfg.linked else phase + self.start
         re, im = mag * torch.cos(heard), mag * torch.sin(heard)
         frames = re @ self.cos_basis + im @ self.sin_basis  # [C, F, n_fft]
         first, second = frames[..., : self.hop], frames[..., self.hop :]

@@ -102,6 +102,7 @@ class CodecTrainConfig:
             kind="spectral", sample_rate=data.SAMPLE_RATE, channels=data.CHANNELS, hop=640, hidden=512,
             dimension=128, encoder_blocks=3, decoder_blocks=4, kernel_size=3, n_codebooks=4, codebook_size=1024,
             stereo_phase="independent",  # the shipped codec's; `cicada train decoder` links it
+            phase_start="zero",  # the shipped codec's; `cicada train decoder --phase-start` may change it
         )
     )
 
@@ -119,7 +120,7 @@ CODEC_KINDS = {"spectral": CodecTrainConfig, "seanet": CodecTrainConfig.seanet}
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"context_noise": 0.0},
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
-                "envelope_weight": 0.0},
+                "envelope_weight": 0.0, "code_noise": 0.0, "phase_start": "zero"},
 }
 """What a stage's saved config meant for fields it predates: a run resumes and loads as it was trained."""
 
@@ -153,6 +154,9 @@ class DecoderTrainConfig:
     flux_weight: float = 1.0  # spectral codec only: how much each band's loudness changes frame to frame
     envelope_weight: float = 1.0  # the same on the audio after overlap-add (see envelope_flux_loss)
     stereo_phase: str = "linked"  # spectral codec only: how the fine-tuned decoder phases its channels
+    phase_start: str = "zero"  # spectral codec only: where its bins' phases start (see spectral.start_phase)
+    code_noise: float = 0.0  # fraction of the decoder's input codes replaced by random ones (the targets stay
+    #                          the clean audio), so that it renders an LM's less certain codes as their family
     batch_offset: int = 1_000_000  # batches the codec stage never saw
 
 
@@ -259,6 +263,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+SCHEDULE_TIMED_STEPS = 50
+"""Steps a run times before :meth:`Loop.schedule` may end the learning-rate schedule at the time cap."""
+SCHEDULE_SLACK = 0.02
+"""The share of a stage's steps its time cap may cut before :meth:`Loop.schedule` shortens the schedule."""
+
+
 class Progress:
     """A rich progress bar with the running losses and ETA (plain log lines when not a terminal)."""
 
@@ -322,20 +332,53 @@ class Loop:
     step: int = 0
     elapsed: float = 0.0  # seconds trained, over all runs of this stage
     smooth: Smoothed = field(default_factory=Smoothed)
+    schedule_end: int = 0  # the step the learning rate's cosine ends at in this run (see schedule)
+    clock: Callable[[], float] = time.monotonic
+
+    def schedule(self, cfg: Any, steps_timed: int, seconds_timed: float) -> int:
+        """Where the learning-rate schedule ends: at ``cfg.steps``, or, when the wall-clock cap will stop the
+        stage first, at the step it will stop at, so that the rate has annealed by then on a slow machine.
+
+        The step time is this run's average after :data:`SCHEDULE_TIMED_STEPS` steps (before that the
+        schedule ends at ``cfg.steps``). A cap that cuts less than 2% of the steps leaves the schedule as it
+        is (its last 2% hardly change the rate), so a run that fits is step-for-step deterministic. The end
+        only ever moves earlier within a run: a machine that speeds up again does not raise the rate back.
+        """
+        end = self.schedule_end or cfg.steps
+        if steps_timed < SCHEDULE_TIMED_STEPS:
+            return end
+        reach = self.step + (cfg.minutes * 60 - self.elapsed) * steps_timed / max(seconds_timed, 1e-9)
+        if reach >= (1 - SCHEDULE_SLACK) * cfg.steps:
+            return end
+        return min(end, max(self.step + 1, int(reach)))
+
+    def summary(self) -> dict[str, Any]:
+        """What a stage's record says of its training: steps, minutes, smoothed losses, schedule end."""
+        return dict(step=self.step, elapsed_minutes=round(self.elapsed / 60, 2), losses=self.smooth.values,
+                    schedule_steps=self.schedule_end)
 
     def run(self, cfg: Any, opt: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float,
             step_fn: StepFn, checkpoint: Callable[[], None], quiet: bool,
             after: Callable[[int], None] | None = None) -> None:
         bar = Progress(self.stage, cfg.steps, self.step, quiet)
-        t0, last_ckpt = time.monotonic() - self.elapsed, time.monotonic()
+        t0, last_ckpt = self.clock() - self.elapsed, self.clock()
+        first_step, run_t0 = self.step, self.clock()
+        self.schedule_end = cfg.steps
         try:
             while self.step < cfg.steps:
                 if self.elapsed > cfg.minutes * 60:
                     log.warning("%s: the %.0f-minute cap stopped training at step %d of %d",
                                 self.stage, cfg.minutes, self.step, cfg.steps)
                     break
+                end = self.schedule(cfg, self.step - first_step, self.clock() - run_t0)
+                if end < self.schedule_end:
+                    if self.schedule_end == cfg.steps:
+                        log.warning("%s: at this speed the %.0f-minute cap stops training near step %d of %d; "
+                                    "the learning rate now anneals by then (more --minutes trains them all)",
+                                    self.stage, cfg.minutes, end, cfg.steps)
+                    self.schedule_end = end
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup)
+                    g["lr"] = lr_at(self.step, self.schedule_end, cfg.lr, cfg.warmup)
                 loss, losses = step_fn(self.step)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -348,13 +391,13 @@ class Loop:
                 if after is not None:
                     after(self.step)
                 bar.update(self.step, self.smooth.add(**losses))
-                self.elapsed = time.monotonic() - t0
-                if time.monotonic() - last_ckpt > 120:
+                self.elapsed = self.clock() - t0
+                if self.clock() - last_ckpt > 120:
                     checkpoint()
-                    last_ckpt = time.monotonic()
+                    last_ckpt = self.clock()
         finally:
             bar.close()
-            self.elapsed = time.monotonic() - t0
+            self.elapsed = self.clock() - t0
             checkpoint()
         log.info("%s: %d steps in %.1f min, losses %s", self.stage, self.step, self.elapsed / 60, self.smooth.values)
 
@@ -609,7 +652,7 @@ def train_codec(
     latent: list[torch.Tensor] = []
 
     def checkpoint() -> None:
-        record.update(step=loop.step, elapsed_minutes=round(loop.elapsed / 60, 2), losses=loop.smooth.values)
+        record.update(loop.summary())
         save_atomic(dict(model=codec.state_dict(), optimizer=opt.state_dict(), step=loop.step, elapsed=loop.elapsed,
                          losses=loop.smooth.values, config=dataclasses.asdict(cfg), record=record), ckpt_path)
 
@@ -664,7 +707,9 @@ def load_decoder(codec: Codec | SpectralCodec, path: str | Path, codec_digest: s
         raise TrainError(f"{path} was fine-tuned on another codec than {codec_name}; "
                          f"run `cicada train decoder --codec {codec_name} --fresh` for this codec")
     if isinstance(codec, SpectralCodec):
-        codec.set_stereo_phase(saved_config("decoder", dstate["config"])["stereo_phase"])
+        saved = saved_config("decoder", dstate["config"])
+        codec.set_stereo_phase(saved["stereo_phase"])
+        codec.set_phase_start(saved["phase_start"])
     codec.decoder.load_state_dict(dstate["model"])
     return {k: v for k, v in drec.items() if k != "codec_record"}
 
@@ -723,6 +768,8 @@ def train_decoder(
     torch.set_flush_denormal(True)
     if isinstance(codec, SpectralCodec) and codec.cfg.stereo_phase != cfg.stereo_phase:
         link_stereo_phase(codec, cfg.stereo_phase)
+    if isinstance(codec, SpectralCodec):
+        codec.set_phase_start(cfg.phase_start)
     codec = codec.to(dev)
     codec.encoder.eval().requires_grad_(False)
     codec.quantizer.eval().requires_grad_(False)
@@ -739,7 +786,7 @@ def train_decoder(
                   **({"codec_pack": str(codec_checkpoint)} if from_pack else {}))
 
     def checkpoint() -> None:
-        record.update(step=loop.step, elapsed_minutes=round(loop.elapsed / 60, 2), losses=loop.smooth.values)
+        record.update(loop.summary())
         save_atomic(dict(model=codec.decoder.state_dict(), optimizer=opt.state_dict(), step=loop.step,
                          elapsed=loop.elapsed, losses=loop.smooth.values, config=dataclasses.asdict(cfg),
                          record=record), ckpt_path)
@@ -747,7 +794,13 @@ def train_decoder(
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x = torch.from_numpy(codec_batch(cfg.batch_offset + step, cfg.seed, cfg.batch, cfg.segment, sr)).to(dev)
         with torch.no_grad():
-            q = codec.quantizer(codec.encoder(x)).quantized
+            z = codec.encoder(x)
+            if cfg.code_noise > 0:
+                rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11, step]))
+                codes = corrupt(codec.quantizer.encode(z), cfg.code_noise, codec.quantizer.codebook_size, rng)
+                q = codec.quantizer.decode(codes)
+            else:
+                q = codec.quantizer(z).quantized
         _, losses = reconstruction_losses(codec, x, q, LossWeights.of(cfg))
         return losses.pop("total"), {k: float(v.detach()) for k, v in losses.items()}
 
@@ -1009,7 +1062,7 @@ def train_lm(
                   codec_record=tokens.record, **({"codec_pack": str(tokens.path)} if tokens.pack else {}), corpus=dict(clips=int(len(codes)), frames=int(codes.shape[-1])))
 
     def checkpoint() -> None:
-        record.update(step=loop.step, elapsed_minutes=round(loop.elapsed / 60, 2), losses=loop.smooth.values)
+        record.update(loop.summary())
         save_atomic(dict(lm=lm.state_dict(), text=text.state_dict(), optimizer=opt.state_dict(), step=loop.step,
                          elapsed=loop.elapsed, losses=loop.smooth.values, config=dataclasses.asdict(cfg),
                          lm_config=dataclasses.asdict(lcfg), text_config=dataclasses.asdict(text.cfg),
@@ -1240,7 +1293,7 @@ def run_cli(args: Any) -> int:
     if args.stage in ("decoder", "all"):
         out = args.runs / "decoder" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
-        cfg = _overrides(DecoderTrainConfig(), args, common)
+        cfg = _overrides(DecoderTrainConfig(), args, (*common, "code_noise", "phase_start"))
         rec = train_decoder(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         decoder = out / CHECKPOINT
         print(f"decoder: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "

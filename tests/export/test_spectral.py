@@ -13,6 +13,7 @@ import torch
 from export.onnx import export_graph, max_abs_diff, ort_session, run_onnx
 from export.pack import EncoderGraph
 from export.spectral import (
+    PHASE_STARTS,
     SpectralCodec,
     SpectralCodecConfig,
     StreamingSpectralDecoder,
@@ -21,6 +22,7 @@ from export.spectral import (
     direct_loss,
     frame_targets,
     hann,
+    start_phase,
 )
 
 TOTAL_FRAMES = 21  # a multiple of 1, 3 and 7
@@ -60,9 +62,11 @@ def test_hann_sums_to_one_at_half_overlap() -> None:
 
 
 @pytest.mark.parametrize("frames", [1, 3, 7])
-@pytest.mark.parametrize(("channels", "stereo_phase"), [(1, "linked"), (2, "linked"), (2, "independent")])
-def test_stream_equals_offline(channels: int, stereo_phase: str, frames: int) -> None:
-    cfg = tiny(channels, stereo_phase=stereo_phase)
+@pytest.mark.parametrize(("channels", "stereo_phase", "phase_start"),
+                         [(1, "linked", "alternate"), (2, "linked", "alternate"), (2, "independent", "alternate"),
+                          (2, "linked", "zero")])
+def test_stream_equals_offline(channels: int, stereo_phase: str, phase_start: str, frames: int) -> None:
+    cfg = tiny(channels, stereo_phase=stereo_phase, phase_start=phase_start)
     codec = random_codec(cfg)
     codes = torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, TOTAL_FRAMES))
     with torch.no_grad():
@@ -139,9 +143,10 @@ def test_stereo_features_see_the_inter_channel_phase() -> None:
     assert type(cfg).from_dict(old).stereo_features is False
 
 
-@pytest.mark.parametrize(("frames", "stereo_phase"), [(1, "linked"), (3, "linked"), (3, "independent")])
-def test_onnx_equals_torch(tmp_path: Path, frames: int, stereo_phase: str) -> None:
-    cfg = tiny(stereo_phase=stereo_phase)
+@pytest.mark.parametrize(("frames", "stereo_phase", "phase_start"),
+                         [(1, "linked", "alternate"), (3, "linked", "zero"), (3, "independent", "alternate")])
+def test_onnx_equals_torch(tmp_path: Path, frames: int, stereo_phase: str, phase_start: str) -> None:
+    cfg = tiny(stereo_phase=stereo_phase, phase_start=phase_start)
     codec = random_codec(cfg, seed=1)
     dec = codec.streaming_decoder(frames)
     session = ort_session(export_graph(dec, dec.example_inputs(), dec.spec, tmp_path / "decoder.onnx"))
@@ -204,6 +209,8 @@ def test_config_checks() -> None:
         tiny(channels=3)
     with pytest.raises(ValueError, match="stereo_phase"):
         tiny(stereo_phase="mid")
+    with pytest.raises(ValueError, match="phase_start must be one of"):
+        tiny(phase_start="random")
     cfg = tiny()
     assert cfg.stereo_phase == "linked" and cfg.linked and not tiny(1).linked
     assert SpectralCodecConfig.from_dict(cfg.to_dict()) == cfg
@@ -212,6 +219,10 @@ def test_config_checks() -> None:
     # a config saved before stereo_phase existed decodes the way it was trained
     saved = {k: v for k, v in cfg.to_dict().items() if k != "stereo_phase"}
     assert SpectralCodecConfig.from_dict(saved).stereo_phase == "independent"
+    # ... and one saved before phase_start existed starts its phases at 0, as it was trained
+    assert cfg.phase_start == "alternate"
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "phase_start"}
+    assert SpectralCodecConfig.from_dict(saved).phase_start == "zero"
 
 
 def _centred_decoder(stereo_phase: str) -> SpectralCodec:
@@ -262,9 +273,10 @@ def test_linked_stereo_offsets_split_the_phase_difference() -> None:
     assert float(offset.abs().max()) < torch.pi / 2 + 1e-6 and float(offset.abs().max()) > 1e-3
 
 
-def test_targets_resynthesise_the_audio() -> None:
+@pytest.mark.parametrize("phase_start", PHASE_STARTS)
+def test_targets_resynthesise_the_audio(phase_start: str) -> None:
     """The per-bin targets the decoder learns from (magnitude, phase advance) rebuild the audio exactly."""
-    cfg = tiny()
+    cfg = tiny(phase_start=phase_start)
     dec = SpectralCodec(cfg).decoder
     torch.manual_seed(5)
     t = torch.arange(10 * cfg.hop) / cfg.sample_rate
@@ -273,11 +285,35 @@ def test_targets_resynthesise_the_audio() -> None:
     assert mask.tolist() == [1.0] * 9 + [0.0]
     angle = torch.angle(target)
     advance = angle - torch.nn.functional.pad(angle, (0, 0, 1, 0))[..., :-1, :]
+    advance[..., 0, :] -= start_phase(dec.odd, cfg)  # the first frame's phase is the start plus its advance
     with torch.no_grad():
         y = dec.synthesize(torch.log(target.abs() + 1e-30), advance)
     # block 0 lacks the frame before it (it fades in); the last block needs the frame after it
     a, b = cfg.hop, 9 * cfg.hop
     assert max_abs_diff(y[..., a:b], audio[..., a:b]) <= 1e-4
+
+
+@pytest.mark.parametrize("where", [2.3, 3.5, 5.7])
+def test_alternate_phase_start_keeps_a_low_tone_at_its_level(where: float) -> None:
+    """A decoder knows each bin's advance but not a tone's absolute phase, so it accumulates from a fixed
+    start. Over ``n_fft = 2 * hop`` a tone's neighbouring bins are half a turn apart: started at 0 they are
+    put in phase and partly cancel (a tone between two bins vanishes; one whose pitch moves swings in
+    loudness as it crosses them), started at ``pi * (k mod 2)`` the tone comes back at its level."""
+    level = {}
+    for start in PHASE_STARTS:
+        cfg = tiny(1, phase_start=start)
+        dec = SpectralCodec(cfg).decoder
+        t = torch.arange(80 * cfg.hop) / cfg.sample_rate
+        tone = (0.5 * torch.sin(2 * torch.pi * where * cfg.sample_rate / cfg.n_fft * t + 0.7))[None, None]
+        target, _ = frame_targets(dec, tone)
+        angle = torch.angle(target)
+        advance = angle - torch.nn.functional.pad(angle, (0, 0, 1, 0))[..., :-1, :]
+        advance[..., 0, :] = 0.0  # what the decoder knows: how far each bin turns, not where it started
+        with torch.no_grad():
+            y = dec.synthesize(torch.log(target.abs() + 1e-30), advance)[0, 0, 4 * cfg.hop: 76 * cfg.hop]
+        level[start] = float(y.pow(2).mean().sqrt() / tone.pow(2).mean().sqrt())
+    assert abs(level["alternate"] - 1.0) < 0.01, level
+    assert level["zero"] < 0.7, level
 
 
 def test_direct_loss_is_bounded_and_trains_the_decoder() -> None:

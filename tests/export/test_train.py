@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -486,6 +487,37 @@ def test_decoder_fine_tuning_keeps_the_tokens_and_packs(runs: Path, tmp_path: Pa
         train.load_codec(other / train.CHECKPOINT, tmp_path / "dec" / train.CHECKPOINT)
 
 
+def test_code_noise_feeds_the_decoder_random_codes(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``code_noise`` replaces that fraction of the codes the decoder is trained on (the targets stay clean)."""
+    codec_ckpt = runs / "codec" / train.CHECKPOINT
+    corrupted: list[tuple[torch.Tensor, torch.Tensor]] = []
+    latents: list[tuple[Any, torch.Tensor]] = []
+    real_corrupt, real_losses = train.corrupt, train.reconstruction_losses
+
+    def corrupt(codes, fraction, card, rng):  # type: ignore[no-untyped-def]
+        out = real_corrupt(codes, fraction, card, rng)
+        corrupted.append((codes, out))
+        return out
+
+    def losses(codec, x, latent, w):  # type: ignore[no-untyped-def]
+        latents.append((codec, latent))
+        return real_losses(codec, x, latent, w)
+
+    monkeypatch.setattr(train, "corrupt", corrupt)
+    monkeypatch.setattr(train, "reconstruction_losses", losses)
+    cfg = train.DecoderTrainConfig(steps=2, batch=2, segment=0.2, warmup=1, code_noise=0.5)
+    train.train_decoder(tmp_path / "dec", cfg, codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
+    assert len(corrupted) == len(latents) == 2
+    for (clean, noisy), (codec, latent) in zip(corrupted, latents):
+        changed = float((clean != noisy).float().mean())
+        assert 0.3 < changed < 0.6, changed  # about half, less the random codes that happen to be the same
+        assert torch.equal(latent, codec.quantizer.decode(noisy))  # what the decoder was given
+    corrupted.clear()
+    train.train_decoder(tmp_path / "clean", train.DecoderTrainConfig(steps=1, batch=2, segment=0.2, warmup=1),
+                        codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
+    assert not corrupted  # off by default
+
+
 def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Path, runs: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """`cicada train decoder --codec PACK`, then `cicada train pack --codec PACK --decoder CKPT` (no --lm):
@@ -497,14 +529,16 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
 
     dec = tmp_path / "dec"
     assert main(["train", "decoder", "--codec", str(base_pack), "--steps", "2", "--batch", "2", "--threads", "1",
-                 "--out", str(dec)]) == 0
+                 "--out", str(dec), "--phase-start", "alternate", "--code-noise", "0.2"]) == 0
     printed = capsys.readouterr().out
     assert "decoder: step 2" in printed
     assert f"pack it with `cicada train pack --codec {base_pack} --decoder {dec / train.CHECKPOINT}`" in printed
     state = torch.load(dec / train.CHECKPOINT, weights_only=False)
     assert state["record"]["codec_pack"] == str(base_pack)
     assert state["record"]["codec_digest"] == train.file_digest(base_pack / "encoder.onnx")
+    assert state["config"]["phase_start"] == "alternate" and state["config"]["code_noise"] == 0.2
     base = codec_from_pack(packfmt.load(base_pack))
+    assert base.cfg.phase_start == "zero"  # the codec stage's recipe
     assert any(not torch.equal(v, state["model"][k]) for k, v in base.decoder.state_dict().items())  # it trained
 
     out = tmp_path / "pack"
@@ -522,8 +556,11 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     assert tr["weights"] == (f"lm, conditioner, encoder as in {base_pack} (computed in float32); "
                              f"decoder fine-tuned from {base_pack}'s (float16)")
     assert tr["encoder_hysteresis"] == 0.15
-    # the new graph is the fine-tuned decoder: the pack reads back (checked against its graphs) with its weights
+    # the new graph is the fine-tuned decoder: the pack reads back (checked against its graphs) with its weights,
+    # and with the phase start it was fine-tuned with (a graph that started at 0 would fail that check)
+    assert tr["codec"]["phase_start"] == "alternate"
     tuned = codec_from_pack(pack)
+    assert tuned.cfg.phase_start == "alternate"
     for k, v in state["model"].items():  # large weights were stored as float16, small ones as they were
         got = tuned.decoder.state_dict()[k]
         assert torch.equal(got, v) or torch.equal(got, v.half().float()), k
@@ -590,3 +627,45 @@ def test_a_decoder_fine_tune_links_an_independent_codecs_stereo_phase(tmp_path: 
             pcm, *state = graph(codes[..., t : t + 1], *state)
             streamed.append(pcm)
     assert float((torch.cat(streamed, -1) - y).abs().max()) <= 1e-5
+
+
+def _run_loop(steps: int, minutes: float, seconds_per_step: float, caplog: pytest.LogCaptureFixture
+              ) -> tuple[train.Loop, list[float]]:
+    """A :class:`train.Loop` on a toy problem whose steps take ``seconds_per_step`` on a fake clock."""
+    now = [0.0]
+    loop = train.Loop("toy", clock=lambda: now[0])
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=1.0)
+    cfg = train.DecoderTrainConfig(steps=steps, minutes=minutes, lr=1.0, warmup=10)
+    rates: list[float] = []
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        now[0] += seconds_per_step
+        rates.append(opt.param_groups[0]["lr"])
+        return (w * 1e-3).pow(2).sum(), {}
+
+    with caplog.at_level("WARNING", logger="cicada"):
+        loop.run(cfg, opt, [w], 1.0, step_fn, lambda: None, quiet=True)
+    return loop, rates
+
+
+def test_the_learning_rate_anneals_by_the_time_cap(caplog: pytest.LogCaptureFixture) -> None:
+    """A stage the cap will stop early ends its cosine where it will stop, not at a step it never reaches."""
+    loop, rates = _run_loop(1000, 10.0, 1.0, caplog)  # 600 s of a 1000-s schedule
+    assert loop.step in (600, 601) and 590 <= loop.schedule_end <= 601
+    assert loop.summary()["schedule_steps"] == loop.schedule_end
+    assert rates[-1] == pytest.approx(0.1, abs=0.01)  # annealed to the floor
+    assert all(b <= a + 1e-12 for a, b in zip(rates[10:], rates[11:]))  # never raised again
+    assert rates[:train.SCHEDULE_TIMED_STEPS] == [train.lr_at(s, 1000, 1.0, 10)
+                                                   for s in range(train.SCHEDULE_TIMED_STEPS)]
+    assert "stops training near step" in caplog.text
+
+
+@pytest.mark.parametrize("seconds_per_step", [0.5, 0.595])
+def test_a_stage_that_fits_its_cap_keeps_its_schedule(seconds_per_step: float,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Ending at the step count, or cut by less than 2% of it, the schedule is the step-based one."""
+    loop, rates = _run_loop(1000, 10.0, seconds_per_step, caplog)
+    assert loop.schedule_end == 1000 and loop.step >= 1000 * (1 - train.SCHEDULE_SLACK)
+    assert rates == [train.lr_at(s, 1000, 1.0, 10) for s in range(len(rates))]
+    assert "stops training near step" not in caplog.text
