@@ -478,9 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace this fraction of the decoder's input codes by random ones while training, so "
                         "that it renders an LM's less certain codes as their family (default 0)")
     p.add_argument("--phase-start", choices=["zero", "alternate"], default=None,
-                   help="where the decoder's bins start their accumulated phase: zero (the shipped codec's) or "
-                        "alternate (pi in every odd bin, which keeps a low steady tone from beating; default "
-                        "zero)")
+                   help="where the decoder's bins start their accumulated phase: alternate (pi in every odd "
+                        "bin, which brings a low steady tone back at its level; the default) or zero (the "
+                        "codec stage's)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")

@@ -102,7 +102,7 @@ class CodecTrainConfig:
             kind="spectral", sample_rate=data.SAMPLE_RATE, channels=data.CHANNELS, hop=640, hidden=512,
             dimension=128, encoder_blocks=3, decoder_blocks=4, kernel_size=3, n_codebooks=4, codebook_size=1024,
             stereo_phase="independent",  # the shipped codec's; `cicada train decoder` links it
-            phase_start="zero",  # the shipped codec's; `cicada train decoder --phase-start` may change it
+            phase_start="zero",  # the shipped codec's; `cicada train decoder` moves it to "alternate"
         )
     )
 
@@ -137,6 +137,8 @@ class DecoderTrainConfig:
 
     A spectral codec trained with independent channel phases gets a linked decoder here
     (:func:`link_stereo_phase`): that is how the shipped pack's centred sounds stopped coming out wide.
+    A decoder whose phases start at 0 gets the ``"alternate"`` start (:func:`export.spectral.start_phase`),
+    with which steady tones come back at their level: the shipped pack's decoder since 2026-11-23.
     """
 
     seed: int = 0
@@ -154,7 +156,8 @@ class DecoderTrainConfig:
     flux_weight: float = 1.0  # spectral codec only: how much each band's loudness changes frame to frame
     envelope_weight: float = 1.0  # the same on the audio after overlap-add (see envelope_flux_loss)
     stereo_phase: str = "linked"  # spectral codec only: how the fine-tuned decoder phases its channels
-    phase_start: str = "zero"  # spectral codec only: where its bins' phases start (see spectral.start_phase)
+    phase_start: str = "alternate"  # spectral codec only: where its bins' phases start (spectral.start_phase;
+    #                                 the codec stage's recipe starts at 0, and the fine-tune moves it)
     code_noise: float = 0.0  # fraction of the decoder's input codes replaced by random ones (the targets stay
     #                          the clean audio), so that it renders an LM's less certain codes as their family
     batch_offset: int = 1_000_000  # batches the codec stage never saw
@@ -239,9 +242,11 @@ def load_checkpoint(path: Path, stage: str | None = None) -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
+    """The code's commit for a training record, ``<hash>-dirty`` when tracked files differ from it (None
+    outside a git checkout)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude", "*"],
+                             capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -669,3 +669,10 @@ def test_a_stage_that_fits_its_cap_keeps_its_schedule(seconds_per_step: float,
     assert loop.schedule_end == 1000 and loop.step >= 1000 * (1 - train.SCHEDULE_SLACK)
     assert rates == [train.lr_at(s, 1000, 1.0, 10) for s in range(len(rates))]
     assert "stops training near step" not in caplog.text
+
+
+def test_the_training_record_says_the_commit_and_whether_the_code_differed_from_it() -> None:
+    import re
+
+    commit = train.git_commit()
+    assert commit is None or re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", commit), commit
