@@ -463,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-noise", type=_fraction, default=None,
                    help="replace this fraction of the LM's input codes by random ones while training, so that it "
                         "leans on the prompt more than on its own context (default 0.1)")
+    p.add_argument("--self-feed", type=_fraction, default=None,
+                   help="replace this fraction of the LM's input codes by its own samples from a first pass "
+                        "(parallel scheduled sampling; one more forward pass per step; default 0)")
     p.add_argument("--cfg-dropout", type=_fraction, default=None,
                    help="train this fraction of sequences without their prompt, for guidance (default 0.1)")
     p.add_argument("--text-input", action=argparse.BooleanOptionalAction, default=None,

@@ -118,7 +118,7 @@ class CodecTrainConfig:
 CODEC_KINDS = {"spectral": CodecTrainConfig, "seanet": CodecTrainConfig.seanet}
 
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lm": {"context_noise": 0.0},
+    "lm": {"context_noise": 0.0, "self_feed": 0.0},
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
                 "envelope_weight": 0.0, "code_noise": 0.0, "phase_start": "zero"},
 }
@@ -186,6 +186,7 @@ class LMTrainConfig:
     cfg_dropout: float = 0.1  # fraction of sequences trained unconditioned (for guidance)
     context_noise: float = 0.1  # fraction of the input tokens replaced by random codes (targets stay clean):
     # the LM learns not to trust one odd token of its own context, and to lean on the prompt
+    self_feed: float = 0.0  # fraction of the input codes replaced by the LM's own samples (see lm_loss)
     text_variation: float = 0.5  # fraction of prompts reworded (order, a dropped word)
     corpus_clips: int = 128  # per prompt (16 let the LM learn its clips by heart: cross-entropy 0.1)
     corpus_seconds: float = 8.0
@@ -973,7 +974,7 @@ def corrupt(inputs: torch.Tensor, fraction: float, card: int, rng: np.random.Gen
 
 def lm_loss(
     lm: LM, text: TextEncoder, tok: WordTokenizer, codes: torch.Tensor, texts: list[str], window: int,
-    noise: float = 0.0, rng: np.random.Generator | None = None,
+    noise: float = 0.0, rng: np.random.Generator | None = None, self_feed: float = 0.0,
 ) -> tuple[torch.Tensor, list[float]]:
     """Next-column cross-entropy on the delayed grid; returns (mean loss, per-codebook losses).
 
@@ -981,19 +982,34 @@ def lm_loss(
     ``noise`` fraction of its codes made random (:func:`corrupt`, drawn from
     ``rng``); targets are the clean grid, and those equal to the special
     token (the delay pattern's fill) are ignored.
+
+    ``self_feed`` (parallel scheduled sampling): a first pass without gradients samples every column from
+    the LM's own prediction given the true context, and that fraction of the input codes is replaced by
+    those samples before the training pass, so that the LM learns to go on from contexts of its own making
+    (at run time it never sees a true one). Costs one more forward pass per step.
     """
     special = lm.cfg.special
     delays = list(range(lm.cfg.n_codebooks))
     grid = apply_delay(codes, delays, special)  # [B, K, F + D]
     bos = torch.full_like(grid[:, :, :1], special)
     inputs = torch.cat([bos, grid[:, :, :-1]], dim=-1)
-    if noise > 0:
-        inputs = corrupt(inputs, noise, special, rng if rng is not None else np.random.default_rng())
+    rng = rng if rng is not None else np.random.default_rng()
     tokens, mask = tok(texts)
     tokens, mask = tokens.to(codes.device), mask.to(codes.device)
     empty = torch.tensor([not t for t in texts], device=codes.device)
     mask = mask.masked_fill(empty[:, None], 0)
     cross = text(tokens, mask) * (~empty)[:, None, None].to(torch.float32)
+    if self_feed > 0:
+        with torch.no_grad():
+            probs = lm(inputs, cross.detach(), mask, window=window).float().softmax(-1)  # [B, K, T, card]
+            u = torch.from_numpy(rng.random(probs.shape[:-1])).to(probs)
+            own = torch.searchsorted(probs.cumsum(-1), u[..., None].contiguous()).squeeze(-1)
+            own = own.clamp_(max=probs.shape[-1] - 1)
+        own = torch.cat([bos, own[:, :, :-1]], dim=-1)  # the sample of column t is the input of column t + 1
+        hit = torch.from_numpy(rng.random(tuple(inputs.shape)) < self_feed).to(inputs.device)
+        inputs = torch.where(hit & (inputs != special) & (own != special), own, inputs)
+    if noise > 0:
+        inputs = corrupt(inputs, noise, special, rng)
     logits = lm(inputs, cross, mask, window=window)  # [B, K, T, card]
     target = grid.masked_fill(grid == special, -100)
     per_book = [
@@ -1077,7 +1093,7 @@ def train_lm(
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11, step]))
         batch, texts = lm_batch(codes, labels, prompts, cfg, rng)
         loss, per_book = lm_loss(lm, text, tok, batch.to(dev), texts, window=cfg.context, noise=cfg.context_noise,
-                                 rng=rng)
+                                 rng=rng, self_feed=cfg.self_feed)
         return loss, dict(ce=float(loss.detach()), **{f"ce{k}": v for k, v in enumerate(per_book)})
 
     loop.run(cfg, opt, params, 1.0, step_fn, checkpoint, quiet)
@@ -1288,7 +1304,7 @@ def run_cli(args: Any) -> int:
         out = args.runs / "lm" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips", "hysteresis", "context_noise",
-                                                   "cfg_dropout"))
+                                                   "cfg_dropout", "self_feed"))
         if getattr(args, "text_input", None) is not None:
             cfg.lm["text_input"] = args.text_input
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)

@@ -150,6 +150,52 @@ def test_lm_training_lowers_the_loss(runs: Path) -> None:
     assert float(after) < float(before) - 0.05
 
 
+def test_self_feed_puts_the_lms_own_samples_in_its_input(runs: Path) -> None:
+    """Parallel scheduled sampling: a first pass samples each column from the LM given the true context; that
+    fraction of the next pass's input codes are those samples (shifted one column); fill and BOS stay."""
+    from export import data
+
+    lm, text, tok, rec = train.load_lm(runs / "lm" / train.CHECKPOINT)
+    cfg = train.LMTrainConfig(**rec["config"])
+    corpus = next((runs / "lm").glob("corpus-*.npz"))
+    with np.load(corpus) as z:
+        batch, texts = train.lm_batch(z["codes"], z["labels"], data.prompts(), cfg, np.random.default_rng(5))
+    seen: list[torch.Tensor] = []
+
+    class Spy(torch.nn.Module):
+        """The LM, except that its first pass is sure of code 7 everywhere."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.cfg = lm, lm.cfg
+
+        def forward(self, inputs: torch.Tensor, cross: torch.Tensor, mask: torch.Tensor, window: int
+                    ) -> torch.Tensor:
+            seen.append(inputs.clone())
+            out = self.inner(inputs, cross, mask, window=window)
+            if len(seen) == 1:
+                out = torch.full_like(out, -30.0)
+                out[..., 7] = 30.0
+            return out
+
+    special = lm.cfg.special
+    with torch.no_grad():
+        train.lm_loss(Spy(), text, tok, batch, texts, window=cfg.context, rng=np.random.default_rng(1),
+                      self_feed=1.0)
+        first, second = seen
+        fill = first == special
+        assert bool((second[fill] == special).all()) and bool((second[~fill] == 7).all())
+        seen.clear()
+        train.lm_loss(Spy(), text, tok, batch, texts, window=cfg.context, rng=np.random.default_rng(1),
+                      self_feed=0.3)
+        first, second = seen
+        changed = float((first != second)[first != special].float().mean())
+        assert 0.2 < changed < 0.35, changed
+        seen.clear()
+        train.lm_loss(Spy(), text, tok, batch, texts, window=cfg.context, rng=np.random.default_rng(1))
+        assert len(seen) == 1  # off: one pass
+
+
 def test_corrupt_replaces_a_fraction_of_the_codes_never_the_special_token() -> None:
     x = torch.randint(0, 32, (4, 4, 500))
     x[:, :, :3] = 32  # the BOS column and the delay pattern's fill
