@@ -102,7 +102,11 @@ def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     assert train.saved_config("decoder", {"steps": 5})["stereo_phase"] == "independent"
     assert train.saved_config("decoder", {"steps": 5})["flux_weight"] == 0.0
     assert train.saved_config("decoder", {"stereo_phase": "linked"})["stereo_phase"] == "linked"
-    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5, "context_noise": 0.0}
+    # a decoder run from before the phase start resumes from 0, as it was trained (the default is now pi in
+    # odd bins), and without code noise
+    assert train.saved_config("decoder", {"steps": 5})["phase_start"] == "zero"
+    assert train.saved_config("decoder", {"steps": 5})["code_noise"] == 0.0
+    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5, "context_noise": 0.0, "self_feed": 0.0}
     assert train.saved_config("lm", {"context_noise": 0.2})["context_noise"] == 0.2
 
 
