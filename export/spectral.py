@@ -421,11 +421,11 @@ def start_phase(odd: torch.Tensor, cfg: SpectralCodecConfig) -> torch.Tensor:
 
     With a sine window over ``n_fft = 2 * hop`` samples, the bins of one partial's main lobe are half a turn
     apart (``arg X_k = const - pi k``). Starting every bin at 0 puts neighbours in phase, which moves a tone to
-    its frame's edges, where the synthesis window takes most of it away: from its *true* magnitudes and advances, a steady tone between two bins
-    comes back about 8 dB too quiet (or not at all, half-way between them), one whose pitch moves swings in
-    loudness as it crosses the bins, and the corpus's FM hum (prompt 2) is heard as another family. Started
-    at ``pi * (k mod 2)``, the tone comes back at its level (docs/training.md, "The FM hum through the
-    decoder's synthesis").
+    its frame's edges, where the synthesis window takes most of it away: from its *true* magnitudes and
+    advances, a steady tone between two bins comes back about 8 dB too quiet (or not at all, half-way between
+    them), one whose pitch moves swings in loudness as it crosses the bins, and the corpus's FM hum (prompt 2)
+    is heard as another family. Started at ``pi * (k mod 2)``, the tone comes back at its level
+    (docs/training.md, "The phase start, fine-tuned").
     """
     return odd * math.pi if cfg.phase_start == "alternate" else torch.zeros_like(odd)
 
