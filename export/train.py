@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,8 @@ class DecoderTrainConfig:
     #                                 the codec stage's recipe starts at 0, and the fine-tune moves it)
     code_noise: float = 0.0  # fraction of the decoder's input codes replaced by random ones (the targets stay
     #                          the clean audio), so that it renders an LM's less certain codes as their family
+    focus: tuple[int, ...] = ()  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as often
+    focus_weight: float = 1.0  # (see prompt_weights): more examples of the families the codec renders worst
     batch_offset: int = 1_000_000  # batches the codec stage never saw
 
 
@@ -543,18 +545,39 @@ def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, latent:
     return y, out
 
 
-def codec_batch(step: int, seed: int, batch: int, seconds: float, sample_rate: int) -> np.ndarray:
-    """``[B, 2, seconds * sr]`` float32: random prompts, random crops of fresh draws (seeded by step)."""
+def codec_batch(step: int, seed: int, batch: int, seconds: float, sample_rate: int,
+                weights: np.ndarray | None = None) -> np.ndarray:
+    """``[B, 2, seconds * sr]`` float32: random prompts, random crops of fresh draws (seeded by step).
+
+    ``weights [P]`` (summing to 1) draws prompt ``i`` with probability ``weights[i]``; without them every
+    prompt is equally likely (and the draws are those of every run before weights existed).
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7, step]))
     n = round(seconds * sample_rate)
     out = np.empty((batch, data.CHANNELS, n), np.float32)
     count = len(data.prompts())
     for b in range(batch):
-        idx = int(rng.integers(count))
+        idx = int(rng.integers(count)) if weights is None else int(rng.choice(count, p=weights))
         clip = data.synth(idx, seconds + 0.5, seed=seed + 1000, n=step * batch + b, sample_rate=sample_rate)
         start = int(rng.integers(sample_rate // 50, clip.shape[1] - n))
         out[b] = clip[:, start : start + n] * float(rng.uniform(0.5, 1.2))
     return dither(out, rng)
+
+
+def prompt_weights(focus: Sequence[int], weight: float, count: int | None = None) -> np.ndarray | None:
+    """Each prompt's share of the examples, ``[P]`` summing to 1: the prompts numbered in ``focus`` (1-based,
+    as in prompts.txt) count ``weight`` times, the rest once. None (all equal) when there is nothing to focus."""
+    count = count if count is not None else len(data.prompts())
+    bad = [i for i in focus if not 1 <= int(i) <= count]
+    if bad:
+        raise TrainError(f"focus names prompt {bad[0]}, but prompts are numbered 1 to {count} (prompts.txt's lines)")
+    if weight <= 0:
+        raise TrainError(f"focus weight must be above 0, not {weight}")
+    if not focus or weight == 1.0:
+        return None
+    w = np.ones(count)
+    w[[int(i) - 1 for i in set(focus)]] = weight
+    return w / w.sum()
 
 
 def dither(x: np.ndarray, rng: np.random.Generator, level: float = 1e-4) -> np.ndarray:
@@ -770,6 +793,7 @@ def train_decoder(
         cfg = resumed(DecoderTrainConfig(**saved_config("decoder", state["config"])), cfg)
         log.info("resuming the decoder from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or DecoderTrainConfig()
+    weights = prompt_weights(cfg.focus, cfg.focus_weight)
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
     if isinstance(codec, SpectralCodec) and codec.cfg.stereo_phase != cfg.stereo_phase:
@@ -798,7 +822,8 @@ def train_decoder(
                          record=record), ckpt_path)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        x = torch.from_numpy(codec_batch(cfg.batch_offset + step, cfg.seed, cfg.batch, cfg.segment, sr)).to(dev)
+        x = torch.from_numpy(codec_batch(cfg.batch_offset + step, cfg.seed, cfg.batch, cfg.segment, sr,
+                                         weights)).to(dev)
         with torch.no_grad():
             z = codec.encoder(x)
             if cfg.code_noise > 0:
@@ -1314,7 +1339,8 @@ def run_cli(args: Any) -> int:
     if args.stage in ("decoder", "all"):
         out = args.runs / "decoder" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
-        cfg = _overrides(DecoderTrainConfig(), args, (*common, "code_noise", "phase_start"))
+        cfg = _overrides(DecoderTrainConfig(), args, (*common, "code_noise", "phase_start", "focus", "focus_weight",
+                                                       "flux_weight", "envelope_weight"))
         rec = train_decoder(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         decoder = out / CHECKPOINT
         print(f"decoder: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "

@@ -463,6 +463,12 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main(["train", "lm", "--hysteresis", "1.5"])
     assert "--hysteresis: must be at least 0 and below 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "decoder", "--focus", "2,sixteen"])
+    assert "expected prompt numbers separated by commas, like 2,16,7; got '2,sixteen'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "decoder", "--focus-weight", "0"])
+    assert "--focus-weight: must be > 0" in capsys.readouterr().err
     assert main(["train", "codec", "--kind", "seanet", "--steps", "1", "--batch", "1", "--threads", "1",
                  "--out", str(tmp_path / "s")]) == 0
     assert "codec: step 1" in capsys.readouterr().out
@@ -568,6 +574,34 @@ def test_code_noise_feeds_the_decoder_random_codes(runs: Path, tmp_path: Path, m
     assert not corrupted  # off by default
 
 
+def test_focus_draws_the_named_prompts_more_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``focus`` / ``focus_weight``: the decoder sees more examples of the families named (1-based)."""
+    w = train.prompt_weights((2, 16), 4.0)
+    assert w is not None and w.shape == (22,) and np.isclose(w.sum(), 1.0)
+    assert w[1] == w[15] == pytest.approx(4 * w[0]) and np.all(np.delete(w, [1, 15]) == w[0])
+    assert train.prompt_weights((), 4.0) is None and train.prompt_weights((2,), 1.0) is None  # all equal
+    with pytest.raises(train.TrainError, match="numbered 1 to 22"):
+        train.prompt_weights((0, 2), 3.0)
+    with pytest.raises(train.TrainError, match="above 0"):
+        train.prompt_weights((2,), 0.0)
+
+    drawn: list[int] = []
+
+    def synth(index: int, seconds: float, seed: int, n: int = 0, sample_rate: int = 32000) -> np.ndarray:
+        drawn.append(index)
+        return np.zeros((2, round(seconds * sample_rate)), np.float32)
+
+    monkeypatch.setattr(train.data, "synth", synth)
+    plain = train.codec_batch(3, 0, 8, 0.05, 32000)
+    assert np.array_equal(plain, train.codec_batch(3, 0, 8, 0.05, 32000, None))
+    drawn.clear()
+    for step in range(60):
+        train.codec_batch(step, 0, 8, 0.05, 32000, w)
+    share = np.bincount(drawn, minlength=22) / len(drawn)
+    focused, rest = share[[1, 15]].mean(), np.delete(share, [1, 15]).mean()
+    assert 2.5 < focused / rest < 6.5, (focused, rest)  # 4 expected, from 480 draws
+
+
 def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Path, runs: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """`cicada train decoder --codec PACK`, then `cicada train pack --codec PACK --decoder CKPT` (no --lm):
@@ -579,7 +613,8 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
 
     dec = tmp_path / "dec"
     assert main(["train", "decoder", "--codec", str(base_pack), "--steps", "2", "--batch", "2", "--threads", "1",
-                 "--out", str(dec), "--phase-start", "alternate", "--code-noise", "0.2"]) == 0
+                 "--out", str(dec), "--phase-start", "alternate", "--code-noise", "0.2", "--focus", "2,16",
+                 "--focus-weight", "3", "--flux-weight", "2.5", "--envelope-weight", "0"]) == 0
     printed = capsys.readouterr().out
     assert "decoder: step 2" in printed
     assert f"pack it with `cicada train pack --codec {base_pack} --decoder {dec / train.CHECKPOINT}`" in printed
@@ -587,6 +622,8 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     assert state["record"]["codec_pack"] == str(base_pack)
     assert state["record"]["codec_digest"] == train.file_digest(base_pack / "encoder.onnx")
     assert state["config"]["phase_start"] == "alternate" and state["config"]["code_noise"] == 0.2
+    assert tuple(state["config"]["focus"]) == (2, 16) and state["config"]["focus_weight"] == 3.0
+    assert state["config"]["flux_weight"] == 2.5 and state["config"]["envelope_weight"] == 0.0
     base = codec_from_pack(packfmt.load(base_pack))
     assert base.cfg.phase_start == "zero"  # the codec stage's recipe
     assert any(not torch.equal(v, state["model"][k]) for k, v in base.decoder.state_dict().items())  # it trained
