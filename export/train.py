@@ -120,7 +120,7 @@ CODEC_KINDS = {"spectral": CodecTrainConfig, "seanet": CodecTrainConfig.seanet}
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"context_noise": 0.0, "self_feed": 0.0},
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
-                "envelope_weight": 0.0, "code_noise": 0.0, "phase_start": "zero"},
+                "envelope_weight": 0.0, "code_noise": 0.0, "phase_start": "zero", "focus": (), "focus_weight": 1.0},
 }
 """What a stage's saved config meant for fields it predates: a run resumes and loads as it was trained."""
 
@@ -139,6 +139,8 @@ class DecoderTrainConfig:
     (:func:`link_stereo_phase`): that is how the shipped pack's centred sounds stopped coming out wide.
     A decoder whose phases start at 0 gets the ``"alternate"`` start (:func:`export.spectral.start_phase`),
     with which steady tones come back at their level: the shipped pack's decoder since 2026-11-23.
+    The defaults are the shipped decoder's recipe: the band and envelope flux terms at 3 and prompts 2 and 16
+    drawn 4 times as often (docs/training.md, "Why the codec loses prompts 2 and 16").
     """
 
     seed: int = 0
@@ -153,15 +155,16 @@ class DecoderTrainConfig:
     phase_weight: float = 2.0
     stereo_weight: float = 1.0  # mid/side log-mel L1 (see spectral_loss)
     band_weight: float = 0.5  # spectral codec only: mel-band loudness of each frame (see spectral.band_losses)
-    flux_weight: float = 1.0  # spectral codec only: how much each band's loudness changes frame to frame
-    envelope_weight: float = 1.0  # the same on the audio after overlap-add (see envelope_flux_loss)
+    flux_weight: float = 3.0  # spectral codec only: how much each band's loudness changes frame to frame
+    envelope_weight: float = 3.0  # the same on the audio after overlap-add (see envelope_flux_loss)
     stereo_phase: str = "linked"  # spectral codec only: how the fine-tuned decoder phases its channels
     phase_start: str = "alternate"  # spectral codec only: where its bins' phases start (spectral.start_phase;
     #                                 the codec stage's recipe starts at 0, and the fine-tune moves it)
     code_noise: float = 0.0  # fraction of the decoder's input codes replaced by random ones (the targets stay
     #                          the clean audio), so that it renders an LM's less certain codes as their family
-    focus: tuple[int, ...] = ()  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as often
-    focus_weight: float = 1.0  # (see prompt_weights): more examples of the families the codec renders worst
+    focus: tuple[int, ...] = (2, 16)  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as
+    focus_weight: float = 4.0  # often (prompt_weights): the FM hum and the sci-fi sizzle, which the codec renders
+    #                            worst (docs/training.md, "Why the codec loses prompts 2 and 16")
     batch_offset: int = 1_000_000  # batches the codec stage never saw
 
 

@@ -106,6 +106,10 @@ def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     # odd bins), and without code noise
     assert train.saved_config("decoder", {"steps": 5})["phase_start"] == "zero"
     assert train.saved_config("decoder", {"steps": 5})["code_noise"] == 0.0
+    # ... and from before the focus: every prompt drawn equally (the default now draws 2 and 16 more often)
+    assert train.saved_config("decoder", {"steps": 5})["focus"] == ()
+    assert train.saved_config("decoder", {"steps": 5})["focus_weight"] == 1.0
+    assert train.saved_config("decoder", {"flux_weight": 1.0})["flux_weight"] == 1.0  # a saved weight stays
     assert train.saved_config("lm", {"steps": 5}) == {"steps": 5, "context_noise": 0.0, "self_feed": 0.0}
     assert train.saved_config("lm", {"context_noise": 0.2})["context_noise"] == 0.2
 
@@ -506,14 +510,16 @@ def test_cli_train_all_runs_the_shipped_recipe(tmp_path: Path, monkeypatch: pyte
     assert [c[0] for c in calls] == ["codec", "lm", "decoder", "pack"]
     by = dict(calls)
     assert by["decoder"]["out"] == runs / "decoder" and by["decoder"]["codec_checkpoint"] == runs / "codec" / train.CHECKPOINT
-    assert by["decoder"]["cfg"].seed == 3 and by["decoder"]["cfg"].flux_weight > 0
+    assert by["decoder"]["cfg"].seed == 3 and by["decoder"]["cfg"].flux_weight == 3.0
+    assert tuple(by["decoder"]["cfg"].focus) == (2, 16) and by["decoder"]["cfg"].focus_weight == 4.0
     assert by["pack"]["decoder_checkpoint"] == runs / "decoder" / train.CHECKPOINT
     assert by["pack"]["lm_checkpoint"] == runs / "lm" / train.CHECKPOINT
     assert "decoder: step 1" in capsys.readouterr().out
 
 
 def test_configs_are_plain_data() -> None:
-    for cfg in (train.CodecTrainConfig(), train.CodecTrainConfig.seanet(), train.LMTrainConfig()):
+    for cfg in (train.CodecTrainConfig(), train.CodecTrainConfig.seanet(), train.LMTrainConfig(),
+                train.DecoderTrainConfig()):
         d = dataclasses.asdict(cfg)
         assert type(cfg)(**d) == cfg
 
@@ -580,6 +586,9 @@ def test_focus_draws_the_named_prompts_more_often(monkeypatch: pytest.MonkeyPatc
     assert w is not None and w.shape == (22,) and np.isclose(w.sum(), 1.0)
     assert w[1] == w[15] == pytest.approx(4 * w[0]) and np.all(np.delete(w, [1, 15]) == w[0])
     assert train.prompt_weights((), 4.0) is None and train.prompt_weights((2,), 1.0) is None  # all equal
+    from engine.cli import _prompt_numbers
+
+    assert _prompt_numbers("2, 16,7") == (2, 16, 7) and _prompt_numbers("") == ()  # `--focus ''`: all equal
     with pytest.raises(train.TrainError, match="numbered 1 to 22"):
         train.prompt_weights((0, 2), 3.0)
     with pytest.raises(train.TrainError, match="above 0"):
