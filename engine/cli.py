@@ -335,6 +335,7 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
 
 _fraction = _number(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+_nonnegative = _number(float, lambda v: v >= 0, ">= 0")
 
 
 def _prompt_numbers(text: str) -> tuple[int, ...]:
@@ -343,7 +344,8 @@ def _prompt_numbers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected prompt numbers separated by commas, like 2,16,7; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected prompt numbers separated by commas, like 2,16,7; got {text!r}") from None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -491,14 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "that it renders an LM's less certain codes as their family (default 0)")
     p.add_argument("--focus", type=_prompt_numbers, default=None, metavar="N,N,...",
                    help="prompt numbers (1-based, as in prompts.txt) to draw more often: the families the codec "
-                        "renders worst (`cicada eval` prints them); with --focus-weight (default 2,16: the FM hum and the "
-                        "sci-fi sizzle; --focus '' draws every prompt equally)")
+                        "renders worst (`cicada eval` prints them); with --focus-weight (default 2,16: the FM hum "
+                        "and the sci-fi sizzle; --focus '' draws every prompt equally)")
     p.add_argument("--focus-weight", type=_positive(float), default=None,
                    help="how many times as often the --focus prompts are drawn (default 4; 1 draws all equally)")
-    p.add_argument("--flux-weight", type=_number(float, lambda v: v >= 0, ">= 0"), default=None,
+    p.add_argument("--flux-weight", type=_nonnegative, default=None,
                    help="weight of how much each band's frame loudness changes against the target's: a steady "
                         "hum must come out steady (default 3)")
-    p.add_argument("--envelope-weight", type=_number(float, lambda v: v >= 0, ">= 0"), default=None,
+    p.add_argument("--envelope-weight", type=_nonnegative, default=None,
                    help="the same on the audio after the overlap-add, in 4-ms frames (default 3)")
     p.add_argument("--phase-start", choices=["zero", "alternate"], default=None,
                    help="where the decoder's bins start their accumulated phase: alternate (pi in every odd "

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cli import main
+from engine.cli import _prompt_numbers, main
 from export import train
 from tests.export.conftest import tiny_codec_cfg, tiny_lm_cfg, tiny_seanet_cfg
 
@@ -586,8 +586,6 @@ def test_focus_draws_the_named_prompts_more_often(monkeypatch: pytest.MonkeyPatc
     assert w is not None and w.shape == (22,) and np.isclose(w.sum(), 1.0)
     assert w[1] == w[15] == pytest.approx(4 * w[0]) and np.all(np.delete(w, [1, 15]) == w[0])
     assert train.prompt_weights((), 4.0) is None and train.prompt_weights((2,), 1.0) is None  # all equal
-    from engine.cli import _prompt_numbers
-
     assert _prompt_numbers("2, 16,7") == (2, 16, 7) and _prompt_numbers("") == ()  # `--focus ''`: all equal
     with pytest.raises(train.TrainError, match="numbered 1 to 22"):
         train.prompt_weights((0, 2), 3.0)
