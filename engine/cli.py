@@ -461,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = trs.add_parser("codec", parents=[run, kind], help="the causal stereo codec (resumable)")
     p.add_argument("--out", type=Path, default=root / "codec", help="run folder (default out/train/codec)")
     p.set_defaults(func=_cmd_train)
+    p = trs.add_parser("codebooks", help="re-fit a trained codec's codebooks by k-means on latents of every prompt "
+                                         "(new tokens: train the LM and decoder on them next)")
+    p.add_argument("--codec", type=Path, required=True,
+                   help="codec checkpoint, or a pack folder whose codec is read back from its graphs")
+    p.add_argument("--out", type=Path, default=root / "codebooks", help="run folder (default out/train/codebooks)")
+    p.add_argument("--draws", type=_positive(int), default=None, help="draws of every prompt to fit on (default 16)")
+    p.add_argument("--iterations", type=_positive(int), default=None,
+                   help="k-means iterations per codebook (default 12)")
+    p.add_argument("--seconds", type=_positive(float), default=None, help="length of each draw (default 4)")
+    p.add_argument("--held-out-draws", type=_positive(int), default=None,
+                   help="held-out draws of every prompt the error is measured on (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace --out's checkpoint if it exists")
+    p.set_defaults(func=_cmd_train)
     p = trs.add_parser("lm", parents=[run], help="the LM and text encoder on the codec's tokens (resumable)")
     p.add_argument("--out", type=Path, default=root / "lm", help="run folder (default out/train/lm)")
     p.add_argument("--codec", type=Path, default=root / "codec" / "checkpoint.pt",
@@ -479,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(parallel scheduled sampling; one more forward pass per step; default 0)")
     p.add_argument("--cfg-dropout", type=_fraction, default=None,
                    help="train this fraction of sequences without their prompt, for guidance (default 0.1)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start a fresh run from this LM checkpoint's weights (e.g. the LM of the codec before "
+                        "`cicada train codebooks`), with a new optimizer and schedule")
     p.add_argument("--text-input", action=argparse.BooleanOptionalAction, default=None,
                    help="add the pooled prompt to every frame's input, besides cross-attention (default on)")
     p.set_defaults(func=_cmd_train)

@@ -663,6 +663,9 @@ def train_codec(
     state = None
     if ckpt_path.exists() and not fresh:
         state = load_checkpoint(ckpt_path)
+        if state.get("refit"):
+            raise TrainError(f"{ckpt_path} holds re-fitted codebooks (`cicada train codebooks`), not a codec run "
+                             "to resume; pass another --out, or --fresh to train a new codec there")
         cfg = resumed(CodecTrainConfig(**saved_config("codec", state["config"])), cfg)
         log.info("resuming the codec from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or CodecTrainConfig()
@@ -723,7 +726,10 @@ def load_codec(path: str | Path, decoder: str | Path | None = None) -> tuple[Cod
     codec.load_state_dict(state["model"])
     record = dict(state["record"])
     if decoder is not None:
-        record["decoder"] = load_decoder(codec, decoder, file_digest(Path(path)), path)
+        drec = load_decoder(codec, decoder, file_digest(Path(path)), path)
+        # a codec re-fitted from a pack (`cicada train codebooks`) carries the pack's decoder record: the new
+        # fine-tune started from that decoder, so it stays inside as ``previous``
+        record["decoder"] = dict(drec, **({"previous": record["decoder"]} if "decoder" in record else {}))
     return codec.eval(), record
 
 
@@ -1056,11 +1062,15 @@ def train_lm(
     fresh: bool = False,
     quiet: bool = False,
     command: str | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the LM and text encoder on the codec's tokens; returns the record.
 
     ``codec_checkpoint`` is a ``cicada train codec`` checkpoint or a pack folder, whose ``encoder.onnx``
-    then makes the tokens (:func:`token_source`).
+    then makes the tokens (:func:`token_source`). ``init``, an LM checkpoint, starts a new run from its
+    weights (same shapes and tokenizer), with a fresh optimizer and schedule: after ``cicada train
+    codebooks``, whose codes keep roughly their old meaning, the old LM learns the new ones in far fewer
+    steps than from scratch. A run being resumed ignores it.
     """
     out = Path(out)
     ckpt_path = out / CHECKPOINT
@@ -1101,6 +1111,9 @@ def train_lm(
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
                             lr=cfg.lr, betas=(0.9, 0.95))
     loop = Loop("lm")
+    init_record = None
+    if state is None and init is not None:
+        init_record = _init_lm(lm, text, tok, init)
     if state is not None:
         lm.load_state_dict(state["lm"])
         text.load_state_dict(state["text"])
@@ -1109,6 +1122,10 @@ def train_lm(
     record = dict(stage="lm", config=dataclasses.asdict(cfg), device=device_record(dev),
                   command=command or "cicada train lm", commit=git_commit(), codec_digest=digest,
                   codec_record=tokens.record, **({"codec_pack": str(tokens.path)} if tokens.pack else {}), corpus=dict(clips=int(len(codes)), frames=int(codes.shape[-1])))
+    if state is not None and "init" in state.get("record", {}):
+        record["init"] = state["record"]["init"]
+    elif init_record is not None:
+        record["init"] = init_record
 
     def checkpoint() -> None:
         record.update(loop.summary())
@@ -1126,6 +1143,24 @@ def train_lm(
 
     loop.run(cfg, opt, params, 1.0, step_fn, checkpoint, quiet)
     return record
+
+
+def _init_lm(lm: LM, text: TextEncoder, tok: WordTokenizer, path: str | Path) -> dict[str, Any]:
+    """Copy the weights of the LM checkpoint ``path`` into ``lm`` and ``text``; returns what the record says
+    about it. Shapes and tokenizer must match (the same recipe)."""
+    old_lm, old_text, old_tok, old_record = load_lm(path)
+    if old_tok.tokenizer.to_str() != tok.tokenizer.to_str():
+        raise TrainError(f"--init {path}: its tokenizer differs from this run's (another prompt list); "
+                         "train the LM from scratch instead")
+    for name, dst, src in (("LM", lm, old_lm), ("text encoder", text, old_text)):
+        mine, theirs = dst.state_dict(), src.state_dict()
+        bad = sorted(k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape)
+        if bad or set(theirs) - set(mine):
+            raise TrainError(f"--init {path}: its {name} has another shape than this run's "
+                             f"({(bad or sorted(set(theirs) - set(mine)))[0]}); pass the same model sizes")
+        dst.load_state_dict(theirs)
+    return dict(checkpoint=str(path), step=old_record.get("step"), command=old_record.get("command"),
+                codec_digest=old_record.get("codec_digest"))
 
 
 def load_lm(path: str | Path) -> tuple[LM, TextEncoder, WordTokenizer, dict[str, Any]]:
@@ -1328,6 +1363,18 @@ def run_cli(args: Any) -> int:
         rec = train_codec(out, cfg, device=args.device, fresh=args.fresh, command=command)
         print(f"codec: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
+    if args.stage == "codebooks":
+        from export.codebooks import CodebooksConfig, train_codebooks
+
+        ckpt = args.out / CHECKPOINT
+        if ckpt.exists() and not args.force:
+            raise TrainError(f"{ckpt} exists; pass --force to replace it, or another --out")
+        cfg = _overrides(CodebooksConfig(), args, ("draws", "iterations", "seed", "seconds", "held_out_draws"))
+        rec = train_codebooks(args.out, args.codec, cfg, command=command)["codebooks"]
+        print(f"codebooks: held-out quantisation error {rec['error_before']:.4f} -> {rec['error_after']:.4f}, "
+              f"codes used {rec['codes_used_before']} -> {rec['codes_used_after']} -> {ckpt} "
+              f"(next: `cicada train lm --codec {ckpt}` and `cicada train decoder --codec {ckpt}`)")
+        return 0
     if args.stage in ("lm", "all"):
         out = args.runs / "lm" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
@@ -1335,7 +1382,8 @@ def run_cli(args: Any) -> int:
                                                    "cfg_dropout", "self_feed"))
         if getattr(args, "text_input", None) is not None:
             cfg.lm["text_input"] = args.text_input
-        rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
+        rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command,
+                       init=getattr(args, "init", None))
         print(f"lm: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
     decoder = getattr(args, "decoder", None)
