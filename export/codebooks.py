@@ -23,7 +23,9 @@ vector the stage serves worst (farthest-point seeding). The result is a codec ch
 the new ones: its tokens are new, so the LM is trained again on it (``cicada
 train lm --codec CKPT --init LM_CKPT`` starts from the old LM, whose codes
 keep roughly their meaning), and the decoder is fine-tuned on them (``cicada
-train decoder --codec CKPT``).
+train decoder --codec CKPT``). Measured on the shipped pack, the codec gets better and an LM
+warm-started on the new tokens did not (docs/training.md, "Re-fitted codebooks"), so no stage of
+``cicada train all`` runs this.
 
 Shapes: ``M`` latent vectors (frames), ``D`` latent dimension, ``K`` stages, ``N`` codewords per stage,
 ``P`` prompts.

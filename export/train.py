@@ -7,6 +7,9 @@ Four stages, each resumable from the checkpoint it leaves in its folder::
     cicada train decoder out/train/decoder/checkpoint.pt the codec's decoder fine-tuned on its frozen tokens
     cicada train pack    packs/default                   ONNX pack, with the training record
 
+(``cicada train codebooks``, :mod:`export.codebooks`, re-fits a trained codec's codebooks by k-means: a
+tool, not one of the stages ``train all`` runs.)
+
 Training is step-based (so a seed gives the same models on the same device)
 with a wall-clock cap per stage as a safety net; a stage stopped by its cap, by
 Ctrl-C or by a crash resumes from its last checkpoint when run again. The
