@@ -470,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_positive(int), default=None,
                    help="k-means iterations per codebook (default 12)")
     p.add_argument("--seconds", type=_positive(float), default=None, help="length of each draw (default 4)")
+    p.add_argument("--keep", type=int, default=None,
+                   help="leading codebooks kept as trained (default 0; 1 keeps codebook 0's codes, so an LM's "
+                        "surest codebook keeps its meaning)")
     p.add_argument("--held-out-draws", type=_positive(int), default=None,
                    help="held-out draws of every prompt the error is measured on (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")

@@ -72,6 +72,7 @@ class CodebooksConfig:
     seconds: float = 4.0
     iterations: int = 12
     held_out_draws: int = 8
+    keep: int = 0  # leading codebooks kept as trained (1: codebook 0's codes, the LM's surest, stay)
 
 
 HELD_OUT_SEED = 555
@@ -112,13 +113,15 @@ def kmeans_stage(r: torch.Tensor, init: torch.Tensor, iterations: int) -> torch.
     return embed
 
 
-def residual_kmeans(z: torch.Tensor, init: torch.Tensor, iterations: int) -> torch.Tensor:
+def residual_kmeans(z: torch.Tensor, init: torch.Tensor, iterations: int, keep: int = 0) -> torch.Tensor:
     """``z [M, D]``, trained codebooks ``init [K, N, D]`` -> re-fitted codebooks ``[K, N, D]`` (stage by stage on
-    the residual, see the module docstring)."""
+    the residual, see the module docstring); the first ``keep`` stages stay as trained (their codes, which an
+    LM has learned, keep their meaning) and the later ones are fitted to what those leave."""
     out = init.clone()
     r = z.clone()
     for k in range(init.shape[0]):
-        out[k] = kmeans_stage(r, init[k], iterations)
+        if k >= keep:
+            out[k] = kmeans_stage(r, init[k], iterations)
         r = r - out[k][nearest(r, out[k])]
     return out
 
@@ -172,7 +175,7 @@ def refit(codec: Any, cfg: CodebooksConfig) -> dict[str, Any]:
     held, held_labels = corpus_latents(codec.encoder, HELD_OUT_SEED, cfg.held_out_draws, cfg.seconds, sr)
     before, used_before = relative_error(held, held_labels, q.embed, prompts)
     log.info("codebooks: %d latent frames, held-out error %.4f before", len(z), float(np.mean(before)))
-    new = residual_kmeans(z, q.embed.detach(), cfg.iterations)
+    new = residual_kmeans(z, q.embed.detach(), cfg.iterations, cfg.keep)
     after, used_after = relative_error(held, held_labels, new, prompts)
     log.info("codebooks: held-out error %.4f after", float(np.mean(after)))
     with torch.no_grad():
@@ -212,6 +215,9 @@ def train_codebooks(out: str | Path, source: str | Path, cfg: CodebooksConfig | 
         record = dict(record, source=str(source))
     if not isinstance(codec, SpectralCodec):
         raise TrainError(f"{source}: only the spectral codec's codebooks can be re-fitted here")
+    if not 0 <= cfg.keep < codec.quantizer.n_codebooks:
+        raise TrainError(f"--keep {cfg.keep}: keep 0 to {codec.quantizer.n_codebooks - 1} of the "
+                         f"{codec.quantizer.n_codebooks} codebooks as trained (at least one is re-fitted)")
     n = codec.quantizer.codebook_size
     if cfg.draws * len(data.prompts()) * cfg.seconds * codec.cfg.frame_rate < n:
         raise TrainError(f"--draws {cfg.draws} gives fewer latent frames than the {n} codewords of a stage; "

@@ -1372,7 +1372,8 @@ def run_cli(args: Any) -> int:
         ckpt = args.out / CHECKPOINT
         if ckpt.exists() and not args.force:
             raise TrainError(f"{ckpt} exists; pass --force to replace it, or another --out")
-        cfg = _overrides(CodebooksConfig(), args, ("draws", "iterations", "seed", "seconds", "held_out_draws"))
+        cfg = _overrides(CodebooksConfig(), args, ("draws", "iterations", "seed", "seconds", "held_out_draws",
+                                                       "keep"))
         rec = train_codebooks(args.out, args.codec, cfg, command=command)["codebooks"]
         print(f"codebooks: held-out quantisation error {rec['error_before']:.4f} -> {rec['error_after']:.4f}, "
               f"codes used {rec['codes_used_before']} -> {rec['codes_used_after']} -> {ckpt} "

@@ -42,6 +42,16 @@ def test_residual_kmeans_leaves_less_than_the_trained_codebooks() -> None:
     assert used[0] == 16
 
 
+def test_kept_stages_stay_and_the_rest_fit_what_they_leave() -> None:
+    points, _ = _clusters(seed=3, k=16, per=30, dim=6)
+    init = torch.randn(3, 16, 6, generator=torch.Generator().manual_seed(4))
+    out = codebooks.residual_kmeans(points, init, 5, keep=1)
+    assert torch.equal(out[0], init[0]) and not torch.equal(out[1], init[1])
+    kept, _ = codebooks.quantise_residual(points, out)
+    before, _ = codebooks.quantise_residual(points, init)
+    assert float(kept.pow(2).sum()) < float(before.pow(2).sum())
+
+
 def test_relative_error_is_per_prompt() -> None:
     z = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
     labels = np.array([0, 0, 1, 1])
@@ -76,13 +86,16 @@ def test_too_few_draws_for_the_codewords_are_refused(runs: Path, tmp_path: Path)
     cfg = codebooks.CodebooksConfig(draws=1, seconds=0.02, iterations=1, held_out_draws=1)
     with pytest.raises(train.TrainError, match="raise --draws"):
         codebooks.train_codebooks(tmp_path / "cb", runs / "codec" / train.CHECKPOINT, cfg, quiet=True)
+    cfg = codebooks.CodebooksConfig(draws=1, seconds=0.5, iterations=1, held_out_draws=1, keep=4)
+    with pytest.raises(train.TrainError, match="keep 0 to 3"):
+        codebooks.train_codebooks(tmp_path / "cb", runs / "codec" / train.CHECKPOINT, cfg, quiet=True)
 
 
 def test_the_cli_refits_a_packs_codebooks_then_an_lm_starts_from_the_old_one(
         base_pack: Path, runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cb"
     args = ["train", "codebooks", "--codec", str(base_pack), "--out", str(out), "--draws", "1",
-            "--iterations", "2", "--seconds", "0.5", "--held-out-draws", "1", "--threads", "1"]
+            "--iterations", "2", "--seconds", "0.5", "--held-out-draws", "1", "--keep", "1", "--threads", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "held-out quantisation error" in printed and f"cicada train lm --codec {out / train.CHECKPOINT}" in printed
@@ -90,6 +103,7 @@ def test_the_cli_refits_a_packs_codebooks_then_an_lm_starts_from_the_old_one(
     assert "pass --force" in capsys.readouterr().err
     rec = torch.load(out / train.CHECKPOINT, weights_only=False)["record"]
     assert rec["source"] == str(base_pack) and rec["codebooks"]["command"].startswith("cicada ")
+    assert rec["codebooks"]["config"]["keep"] == 1
 
     # the LM of the old codes starts the LM of the new ones
     lm = tmp_path / "lm"
