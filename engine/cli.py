@@ -336,6 +336,7 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
 _fraction = _number(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 _nonnegative = _number(float, lambda v: v >= 0, ">= 0")
+_phase_lock = _number(int, lambda v: 0 <= v <= 8, "0..8 (bins to a peak; 0 is off)")
 
 
 def _prompt_numbers(text: str) -> tuple[int, ...]:
@@ -527,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the decoder's bins start their accumulated phase: alternate (pi in every odd "
                         "bin, which brings a low steady tone back at its level; the default) or zero (the "
                         "codec stage's)")
+    p.add_argument("--phase-lock", type=_phase_lock, default=None, metavar="N",
+                   help="lock every bin's phase to the loudest bin within N bins (identity phase locking, as "
+                        "phase vocoders do), so the bins of one partial turn together and a steady tone stays "
+                        "steady; 0 lets every bin keep its own phase (default 0)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")

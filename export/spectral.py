@@ -35,6 +35,20 @@ bin of every frame directly (:func:`direct_loss`: the log magnitude and the
 advance of the corresponding sqrt-Hann frame of the input) besides the
 multi-resolution spectral loss on the audio.
 
+Phase locking. A decoder gets each bin's advance a little wrong, and differently in
+each bin. Accumulated bin by bin, the bins of one partial then drift apart and
+beat: a steady low hum comes out pulsing at a few Hz. With ``phase_lock = n``
+each frame's bins first advance, then every bin takes the phase of the peak it
+reaches by climbing ``n`` times to its louder neighbour (:func:`lock_regions`),
+shifted by the half turn per bin of one partial's main lobe: a phase vocoder's
+identity phase locking (Laroche and Dolson). Only the peaks' advances then
+carry over from frame to frame, the bins around them follow, and a partial's
+lobe stays one partial. The locked phase is the step graph's state, as the
+plain accumulated phase is without locking::
+
+    psi[t, k] = acc[t, p] + pi (k - p) - (start[k] - start[p])     acc[t] = psi[t - 1] + a[t]
+    p = lock_regions(|X[t]|, n)[k]                                 (0 mod 2 pi for "alternate")
+
 Stereo. Left and right each accumulating their own advances would drift apart
 (every small difference between the two predictions adds up), and the stream
 would sound wide and decorrelated whatever the input: a centred hum came out
@@ -75,6 +89,8 @@ STEREO_PHASES = ("linked", "independent")
 """How a stereo decoder's channels get their phase (see the module docstring)."""
 PHASE_STARTS = ("alternate", "zero")
 """Where each bin's accumulated phase starts (see the module docstring, "Phase")."""
+MAX_PHASE_LOCK = 8
+"""The most climbs :func:`lock_regions` may take (a peak at most this many bins away)."""
 
 
 @dataclass
@@ -95,6 +111,7 @@ class SpectralCodecConfig:
     stereo_phase: str = "linked"  # configs saved before it existed mean "independent" (see from_dict)
     stereo_features: bool = False  # stereo encoder also sees each bin's inter-channel phase (see SpectralEncoder)
     phase_start: str = "alternate"  # configs saved before it existed mean "zero" (see from_dict)
+    phase_lock: int = 0  # climbs of :func:`lock_regions` (0: every bin keeps its own phase; see "Phase locking")
 
     def __post_init__(self) -> None:
         if self.kind != "spectral":
@@ -105,6 +122,9 @@ class SpectralCodecConfig:
         if self.phase_start not in PHASE_STARTS:
             raise ValueError(f"SpectralCodecConfig.phase_start must be one of {PHASE_STARTS}, "
                              f"got {self.phase_start!r}")
+        if not 0 <= int(self.phase_lock) <= MAX_PHASE_LOCK:
+            raise ValueError(f"SpectralCodecConfig.phase_lock must be 0..{MAX_PHASE_LOCK} (climbs to a bin's "
+                             f"peak; 0 is off), got {self.phase_lock!r}")
         if self.channels not in (1, 2):
             raise ValueError(f"SpectralCodecConfig.channels must be 1 or 2, got {self.channels}")
         for name in ("sample_rate", "hop", "hidden", "dimension", "kernel_size", "n_codebooks", "codebook_size"):
@@ -282,10 +302,15 @@ class SpectralDecoder(nn.Module):
         """
         cfg = self.cfg
         mag = torch.exp(log_mag)
+        start = start_phase(self.odd, cfg)
         # Each frame's advance learns from its own frame against the phase it inherits: the gradient does
         # not flow back through the whole history (which made it noisy and training slow).
-        inherited = (torch.cumsum(advance, dim=2) - advance).detach()
-        phase = inherited + advance + start_phase(self.odd, cfg)
+        if cfg.phase_lock:
+            ref = lock_reference(mag.detach(), cfg.linked)
+            phase = locked_phases(advance, ref, start, cfg.phase_lock, detach=True) + start
+        else:
+            inherited = (torch.cumsum(advance, dim=2) - advance).detach()
+            phase = inherited + advance + start
         if offset is not None:
             phase = phase + offset
         spec = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
@@ -430,6 +455,67 @@ def start_phase(odd: torch.Tensor, cfg: SpectralCodecConfig) -> torch.Tensor:
     return odd * math.pi if cfg.phase_start == "alternate" else torch.zeros_like(odd)
 
 
+def lock_regions(ref: torch.Tensor, climbs: int) -> torch.Tensor:
+    """The bin each bin takes its phase from: ``ref [..., N]`` (magnitudes) -> indices ``[..., N]`` (int64).
+
+    Each bin climbs ``climbs`` times to its louder neighbour (the louder of the two when both are louder
+    than it; it stays on a tie), so a bin up to ``climbs`` bins from a peak lands on that peak: the peak's
+    "region of influence" in a phase vocoder's terms. ``climbs = 0`` is every bin itself. A few gathers:
+    cheap enough for the step graph, and plain ONNX (``GatherElements``, ``Where``).
+
+    Example, magnitudes of one frame and two climbs::
+
+        bin     0  1  2  3  4  5  6  7
+        ref     1  2  5  3  1  1  4  2
+        step    1  2  2  2  3  6  6  6      (each bin's louder neighbour, or itself)
+        lock    2  2  2  2  2  6  6  6      (two steps; bin 4 reached 2 via 3)
+    """
+    n = ref.shape[-1]
+    here = torch.arange(n, device=ref.device).expand_as(ref)
+    if climbs <= 0:
+        return here.clone()
+    floor = torch.full_like(ref[..., :1], -1.0)
+    left = torch.cat([floor, ref[..., :-1]], dim=-1)
+    right = torch.cat([ref[..., 1:], floor], dim=-1)
+    step = torch.where((right > ref) & (right >= left), here + 1, torch.where(left > ref, here - 1, here))
+    lock = step
+    for _ in range(climbs - 1):
+        lock = torch.gather(step, -1, lock)
+    return lock
+
+
+def lock_reference(mag: torch.Tensor, linked: bool) -> torch.Tensor:
+    """The magnitudes ``[..., C, F, N]`` that :func:`lock_regions` finds peaks on: each channel's own, or for
+    linked stereo (one phase for both channels) their sum, on both channels."""
+    return mag.sum(dim=-3, keepdim=True).expand_as(mag) if linked else mag
+
+
+def locked_phases(advance: torch.Tensor, ref: torch.Tensor, start: torch.Tensor, climbs: int,
+                  phase: torch.Tensor | None = None, detach: bool = False) -> torch.Tensor:
+    """Accumulated phases with identity phase locking, ``[B, C, F, N]`` (the start not included).
+
+    ``advance [B, C, F, N]`` per-frame advances, ``ref [B, C, F, N]`` the magnitudes the regions are found
+    on (the same for both channels of linked stereo), ``start [N]`` :func:`start_phase`, ``phase [B, C, N]``
+    the previous frame's (zeros at the start of a stream). Frame ``t``: every bin advances, then takes the
+    phase of its region's peak ``p`` (:func:`lock_regions`) shifted by ``pi (k - p)``, the half turn between
+    neighbouring bins of one partial (see :func:`start_phase`); in these start-less terms that is
+    ``pi (k - p) - (start[k] - start[p])``, which is 0 (mod 2 pi) for ``"alternate"``. ``detach`` keeps the
+    gradient out of the inherited phase, as :meth:`SpectralDecoder.synthesize` does without locking.
+    """
+    b, c, f, n = advance.shape
+    psi = advance.new_zeros(b, c, n) if phase is None else phase
+    k = torch.arange(n, device=advance.device)
+    out = []
+    for t in range(f):
+        acc = (psi.detach() if detach else psi) + advance[:, :, t]
+        lock = lock_regions(ref[:, :, t], climbs)
+        shift = math.pi * (k - lock).to(acc.dtype) - (start - start[lock])
+        psi = torch.gather(acc, -1, lock) + shift
+        psi = psi - TWO_PI * torch.floor(psi / TWO_PI)
+        out.append(psi)
+    return torch.stack(out, dim=2)
+
+
 def phase_channels(h: torch.Tensor, odd: torch.Tensor, linked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's phase channels ``h [..., C, F, N]`` -> (advance, offset), each ``[..., C, F, N]``.
 
@@ -480,6 +566,11 @@ class SpectralCodec(nn.Module):
         """Start each bin's accumulated phase as ``start`` (:data:`PHASE_STARTS`) from now on: a decoder
         fine-tuned with another start than its codec's uses this (the weights are the same shapes)."""
         self._reconfigure(phase_start=start)
+
+    def set_phase_lock(self, climbs: int) -> None:
+        """Lock each bin's phase to its peak's, found in ``climbs`` steps (:func:`locked_phases`; 0: off) from
+        now on: a decoder fine-tuned with locking uses this (the weights are the same shapes)."""
+        self._reconfigure(phase_lock=int(climbs))
 
     def _reconfigure(self, **changes: Any) -> None:
         cfg = dataclasses.replace(self.cfg, **changes)
@@ -565,7 +656,11 @@ class StreamingSpectralDecoder(CodesStepGraph):
         out = out.reshape(2, c, n, f).transpose(2, 3)  # [2, C, F, N]
         mag = torch.exp(log_magnitude(out[0], cfg.n_fft))
         adv, offset = phase_channels(out[1], self.odd, cfg.linked)
-        phase = state_in[-2][0][:, None] + torch.cumsum(adv, dim=1)  # [C, F, N]
+        if cfg.phase_lock:
+            ref = lock_reference(mag, cfg.linked)
+            phase = locked_phases(adv[None], ref[None], self.start, cfg.phase_lock, state_in[-2])[0]
+        else:
+            phase = state_in[-2][0][:, None] + torch.cumsum(adv, dim=1)  # [C, F, N]
         heard = phase + self.start + offset if cfg.linked else phase + self.start
         re, im = mag * torch.cos(heard), mag * torch.sin(heard)
         frames = re @ self.cos_basis + im @ self.sin_basis  # [C, F, n_fft]

@@ -13,6 +13,7 @@ import torch
 from export.onnx import export_graph, max_abs_diff, ort_session, run_onnx
 from export.pack import EncoderGraph
 from export.spectral import (
+    MAX_PHASE_LOCK,
     PHASE_STARTS,
     SpectralCodec,
     SpectralCodecConfig,
@@ -22,6 +23,7 @@ from export.spectral import (
     direct_loss,
     frame_targets,
     hann,
+    lock_regions,
     start_phase,
 )
 
@@ -62,11 +64,13 @@ def test_hann_sums_to_one_at_half_overlap() -> None:
 
 
 @pytest.mark.parametrize("frames", [1, 3, 7])
-@pytest.mark.parametrize(("channels", "stereo_phase", "phase_start"),
-                         [(1, "linked", "alternate"), (2, "linked", "alternate"), (2, "independent", "alternate"),
-                          (2, "linked", "zero")])
-def test_stream_equals_offline(channels: int, stereo_phase: str, phase_start: str, frames: int) -> None:
-    cfg = tiny(channels, stereo_phase=stereo_phase, phase_start=phase_start)
+@pytest.mark.parametrize(("channels", "stereo_phase", "phase_start", "phase_lock"),
+                         [(1, "linked", "alternate", 0), (2, "linked", "alternate", 0),
+                          (2, "independent", "alternate", 0), (2, "linked", "zero", 0), (1, "linked", "alternate", 3),
+                          (2, "linked", "alternate", 2), (2, "independent", "alternate", 2), (2, "linked", "zero", 2)])
+def test_stream_equals_offline(channels: int, stereo_phase: str, phase_start: str, phase_lock: int,
+                               frames: int) -> None:
+    cfg = tiny(channels, stereo_phase=stereo_phase, phase_start=phase_start, phase_lock=phase_lock)
     codec = random_codec(cfg)
     codes = torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, TOTAL_FRAMES))
     with torch.no_grad():
@@ -143,10 +147,12 @@ def test_stereo_features_see_the_inter_channel_phase() -> None:
     assert type(cfg).from_dict(old).stereo_features is False
 
 
-@pytest.mark.parametrize(("frames", "stereo_phase", "phase_start"),
-                         [(1, "linked", "alternate"), (3, "linked", "zero"), (3, "independent", "alternate")])
-def test_onnx_equals_torch(tmp_path: Path, frames: int, stereo_phase: str, phase_start: str) -> None:
-    cfg = tiny(stereo_phase=stereo_phase, phase_start=phase_start)
+@pytest.mark.parametrize(("frames", "stereo_phase", "phase_start", "phase_lock"),
+                         [(1, "linked", "alternate", 0), (3, "linked", "zero", 0), (3, "independent", "alternate", 0),
+                          (1, "linked", "alternate", 3), (3, "independent", "zero", 2)])
+def test_onnx_equals_torch(tmp_path: Path, frames: int, stereo_phase: str, phase_start: str,
+                           phase_lock: int) -> None:
+    cfg = tiny(stereo_phase=stereo_phase, phase_start=phase_start, phase_lock=phase_lock)
     codec = random_codec(cfg, seed=1)
     dec = codec.streaming_decoder(frames)
     session = ort_session(export_graph(dec, dec.example_inputs(), dec.spec, tmp_path / "decoder.onnx"))
@@ -223,6 +229,12 @@ def test_config_checks() -> None:
     assert cfg.phase_start == "alternate"
     saved = {k: v for k, v in cfg.to_dict().items() if k != "phase_start"}
     assert SpectralCodecConfig.from_dict(saved).phase_start == "zero"
+    # ... and one saved before phase_lock existed keeps every bin's own phase
+    saved = {k: v for k, v in tiny(phase_lock=3).to_dict().items() if k != "phase_lock"}
+    assert SpectralCodecConfig.from_dict(saved).phase_lock == 0
+    for bad in (-1, MAX_PHASE_LOCK + 1):
+        with pytest.raises(ValueError, match="phase_lock must be 0"):
+            tiny(phase_lock=bad)
 
 
 def _centred_decoder(stereo_phase: str) -> SpectralCodec:
@@ -314,6 +326,43 @@ def test_alternate_phase_start_keeps_a_low_tone_at_its_level(where: float) -> No
         level[start] = float(y.pow(2).mean().sqrt() / tone.pow(2).mean().sqrt())
     assert abs(level["alternate"] - 1.0) < 0.01, level
     assert level["zero"] < 0.7, level
+
+
+def test_lock_regions_climb_to_the_nearest_peak() -> None:
+    ref = torch.tensor([1.0, 2.0, 5.0, 3.0, 1.0, 1.0, 4.0, 2.0])  # the docstring's example
+    assert lock_regions(ref, 0).tolist() == list(range(8))
+    assert lock_regions(ref, 1).tolist() == [1, 2, 2, 2, 3, 6, 6, 6]
+    assert lock_regions(ref, 2).tolist() == [2, 2, 2, 2, 2, 6, 6, 6]
+    assert lock_regions(ref, 5).tolist() == [2, 2, 2, 2, 2, 6, 6, 6]  # a peak stays put
+    assert lock_regions(ref[None, None].expand(2, 3, 8), 2).shape == (2, 3, 8)
+
+
+def _frame_level_db(y: torch.Tensor, hop: int) -> torch.Tensor:
+    blocks = y.reshape(-1, hop)
+    return 10.0 * torch.log10(blocks.pow(2).mean(-1) + 1e-12)
+
+
+@pytest.mark.parametrize("where", [3.2, 5.5])
+def test_phase_lock_keeps_a_tone_steady_despite_per_bin_advance_errors(where: float) -> None:
+    """What a decoder gets wrong: each bin's advance a little (here up to 0.6 rad, differently in each bin).
+    Accumulated bin by bin, the bins of one partial drift apart and beat, and a steady tone pulses (what made
+    prompt 2's hum sound like prompt 6's impulses); locked to their peak, they turn together and the tone
+    stays steady, only slightly off pitch."""
+    spread = {}
+    for lock in (0, 3):
+        cfg = tiny(1, phase_lock=lock)
+        dec = SpectralCodec(cfg).decoder
+        t = torch.arange(120 * cfg.hop) / cfg.sample_rate
+        tone = (0.5 * torch.sin(2 * torch.pi * where * cfg.sample_rate / cfg.n_fft * t))[None, None]
+        target, _ = frame_targets(dec, tone)
+        angle = torch.angle(target)
+        advance = angle - torch.nn.functional.pad(angle, (0, 0, 1, 0))[..., :-1, :]
+        advance += 0.6 * torch.sin(3.0 * torch.arange(cfg.bins, dtype=torch.float32))  # fixed per-bin errors
+        with torch.no_grad():
+            y = dec.synthesize(torch.log(target.abs() + 1e-30), advance)[0, 0, 8 * cfg.hop: 112 * cfg.hop]
+        spread[lock] = float(_frame_level_db(y, cfg.hop).std())
+    assert spread[3] < 0.5, spread
+    assert spread[0] > 3 * spread[3], spread
 
 
 def test_direct_loss_is_bounded_and_trains_the_decoder() -> None:
