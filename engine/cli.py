@@ -532,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lock every bin's phase to the loudest bin within N bins (identity phase locking, as "
                         "phase vocoders do), so the bins of one partial turn together and a steady tone stays "
                         "steady; 0 lets every bin keep its own phase (default 0)")
+    p.add_argument("--magnitude-gate", action="store_true", default=None,
+                   help="give the decoder a learned per-bin gate that holds part of each bin's last magnitude, "
+                        "so a steady sound can come out steady while attacks pass (a new head, started almost "
+                        "shut)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")

@@ -112,6 +112,7 @@ class SpectralCodecConfig:
     stereo_features: bool = False  # stereo encoder also sees each bin's inter-channel phase (see SpectralEncoder)
     phase_start: str = "alternate"  # configs saved before it existed mean "zero" (see from_dict)
     phase_lock: int = 0  # climbs of :func:`lock_regions` (0: every bin keeps its own phase; see "Phase locking")
+    magnitude_gate: bool = False  # the decoder says how much of each bin's last magnitude it keeps (gated_magnitudes)
 
     def __post_init__(self) -> None:
         if self.kind != "spectral":
@@ -157,6 +158,11 @@ class SpectralCodecConfig:
         """Feature rows per frame the encoder sees: each channel's log power, and with ``stereo_features``
         the cosine and sine of each bin's inter-channel phase difference."""
         return (self.channels + (2 if self.stereo_features and self.channels == 2 else 0)) * self.bins
+
+    @property
+    def heads(self) -> int:
+        """Decoder outputs per channel and bin: log magnitude, phase, and with ``magnitude_gate`` the gate."""
+        return 3 if self.magnitude_gate else 2
 
     @property
     def linked(self) -> bool:
@@ -277,7 +283,7 @@ class SpectralDecoder(nn.Module):
     def __init__(self, cfg: SpectralCodecConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.net = FrameNet(cfg.dimension, cfg.hidden, 2 * cfg.channels * cfg.bins, cfg.decoder_blocks, cfg.kernel_size)
+        self.net = FrameNet(cfg.dimension, cfg.hidden, cfg.heads * cfg.channels * cfg.bins, cfg.decoder_blocks, cfg.kernel_size)
         self.register_buffer("window", hann(cfg.n_fft).sqrt().float(), persistent=False)
         self.register_buffer("odd", (torch.arange(cfg.bins) % 2).float(), persistent=False)
 
@@ -289,8 +295,11 @@ class SpectralDecoder(nn.Module):
         """
         cfg = self.cfg
         b, _, f = z.shape
-        h = self.net(z).reshape(b, 2, cfg.channels, cfg.bins, f).permute(1, 0, 2, 4, 3)
-        return (log_magnitude(h[0], cfg.n_fft), *phase_channels(h[1], self.odd, cfg.linked))
+        h = self.net(z).reshape(b, cfg.heads, cfg.channels, cfg.bins, f).permute(1, 0, 2, 4, 3)
+        log_mag = log_magnitude(h[0], cfg.n_fft)
+        if cfg.magnitude_gate:
+            log_mag = gated_magnitudes(log_mag, h[2], detach=True)
+        return (log_mag, *phase_channels(h[1], self.odd, cfg.linked))
 
     def synthesize(self, log_mag: torch.Tensor, advance: torch.Tensor, offset: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -484,6 +493,30 @@ def lock_regions(ref: torch.Tensor, climbs: int) -> torch.Tensor:
     return lock
 
 
+GATE_BIAS = -3.0
+"""The bias a new gate head starts at: ``sigmoid(-3)`` keeps 5 % of the last magnitude."""
+
+
+def gated_magnitudes(raw: torch.Tensor, gate: torch.Tensor, previous: torch.Tensor | None = None,
+                     detach: bool = False) -> torch.Tensor:
+    """Log magnitudes ``[B, C, F, N]`` that keep a learned share of the last frame's: ``m[t] = g m[t-1] +
+    (1 - g) raw[t]`` with ``g = sigmoid(gate)``, per bin.
+
+    A decoder that follows its codes frame by frame makes a steady hum flutter (the codes of a steady sound
+    jitter); one that always smooths blurs every attack. The gate lets it choose, bin by bin and frame by
+    frame: near 1 holds a steady partial, near 0 lets an onset through. ``previous [B, C, N]`` is the last
+    frame's (zeros at the start of a stream, as in the step graph's state); ``detach`` keeps the gradient
+    out of the history, as the phase does.
+    """
+    g = torch.sigmoid(gate)
+    m = raw.new_zeros(raw.shape[:2] + raw.shape[3:]) if previous is None else previous
+    out = []
+    for t in range(raw.shape[2]):
+        m = g[:, :, t] * (m.detach() if detach else m) + (1.0 - g[:, :, t]) * raw[:, :, t]
+        out.append(m)
+    return torch.stack(out, dim=2)
+
+
 def lock_reference(mag: torch.Tensor, linked: bool) -> torch.Tensor:
     """The magnitudes ``[..., C, F, N]`` that :func:`lock_regions` finds peaks on: each channel's own, or for
     linked stereo (one phase for both channels) their sum, on both channels."""
@@ -572,6 +605,22 @@ class SpectralCodec(nn.Module):
         now on: a decoder fine-tuned with locking uses this (the weights are the same shapes)."""
         self._reconfigure(phase_lock=int(climbs))
 
+    def add_magnitude_gate(self) -> None:
+        """Give the decoder a magnitude gate head (:func:`gated_magnitudes`), started almost shut
+        (:data:`GATE_BIAS`), so that a decoder fine-tuned with it starts where it was."""
+        if self.cfg.magnitude_gate:
+            return
+        out = self.decoder.net.out
+        rows = self.cfg.channels * self.cfg.bins
+        new = nn.Conv1d(out.in_channels, out.out_channels + rows, out.kernel_size, device=out.weight.device)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[: out.out_channels] = out.weight
+            new.bias.fill_(GATE_BIAS)
+            new.bias[: out.out_channels] = out.bias
+        self.decoder.net.out = new
+        self._reconfigure(magnitude_gate=True)
+
     def _reconfigure(self, **changes: Any) -> None:
         cfg = dataclasses.replace(self.cfg, **changes)
         self.cfg = self.encoder.cfg = self.decoder.cfg = cfg
@@ -631,7 +680,8 @@ class StreamingSpectralDecoder(CodesStepGraph):
 
         c, f, h = cfg.channels, self.frames, cfg.hidden
         self._state: list[tuple[str, tuple[int, ...]]] = [
-            (f"block{i}", (1, h, cfg.kernel_size - 1)) for i in range(len(self.blocks))] + [
+            (f"block{i}", (1, h, cfg.kernel_size - 1)) for i in range(len(self.blocks))] + (
+            [("mag", (1, c, cfg.bins))] if cfg.magnitude_gate else []) + [
             ("phase", (1, c, cfg.bins)), ("ola", (1, c, self.hop))]
         inputs = [TensorSpec("codes", (1, k, f), "int64")]
         outputs = [TensorSpec("pcm", (1, c, f * self.hop))]
@@ -653,8 +703,12 @@ class StreamingSpectralDecoder(CodesStepGraph):
             new_state.append(cache)
         out = self.out(h)  # [1, 2 * C * N, F]
         c, n, f = cfg.channels, cfg.bins, self.frames
-        out = out.reshape(2, c, n, f).transpose(2, 3)  # [2, C, F, N]
-        mag = torch.exp(log_magnitude(out[0], cfg.n_fft))
+        out = out.reshape(cfg.heads, c, n, f).transpose(2, 3)  # [heads, C, F, N]
+        log_mag = log_magnitude(out[0], cfg.n_fft)
+        if cfg.magnitude_gate:
+            log_mag = gated_magnitudes(log_mag[None], out[2][None], state_in[-3])[0]
+            new_state.append(log_mag[:, -1][None])
+        mag = torch.exp(log_mag)
         adv, offset = phase_channels(out[1], self.odd, cfg.linked)
         if cfg.phase_lock:
             ref = lock_reference(mag, cfg.linked)

@@ -124,7 +124,7 @@ LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"context_noise": 0.0, "self_feed": 0.0},
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
                 "envelope_weight": 0.0, "code_noise": 0.0, "phase_start": "zero", "focus": (), "focus_weight": 1.0,
-                "phase_lock": 0},
+                "phase_lock": 0, "magnitude_gate": False},
 }
 """What a stage's saved config meant for fields it predates: a run resumes and loads as it was trained."""
 
@@ -166,6 +166,8 @@ class DecoderTrainConfig:
     #                                 the codec stage's recipe starts at 0, and the fine-tune moves it)
     phase_lock: int = 0  # spectral codec only: climbs to each bin's peak whose phase it takes
     #                      (spectral.locked_phases; 0 keeps every bin's own accumulated phase)
+    magnitude_gate: bool = False  # spectral codec only: a learned per-bin hold of the last frame's magnitude
+    #                               (spectral.gated_magnitudes; a new head, started almost shut)
     code_noise: float = 0.0  # fraction of the decoder's input codes replaced by random ones (the targets stay
     #                          the clean audio), so that it renders an LM's less certain codes as their family
     focus: tuple[int, ...] = (2, 16)  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as
@@ -755,6 +757,8 @@ def load_decoder(codec: Codec | SpectralCodec, path: str | Path, codec_digest: s
         codec.set_stereo_phase(saved["stereo_phase"])
         codec.set_phase_start(saved["phase_start"])
         codec.set_phase_lock(saved["phase_lock"])
+        if saved["magnitude_gate"]:
+            codec.add_magnitude_gate()
     codec.decoder.load_state_dict(dstate["model"])
     return {k: v for k, v in drec.items() if k != "codec_record"}
 
@@ -817,6 +821,8 @@ def train_decoder(
     if isinstance(codec, SpectralCodec):
         codec.set_phase_start(cfg.phase_start)
         codec.set_phase_lock(cfg.phase_lock)
+        if cfg.magnitude_gate:
+            codec.add_magnitude_gate()
     codec = codec.to(dev)
     codec.encoder.eval().requires_grad_(False)
     codec.quantizer.eval().requires_grad_(False)
@@ -1400,7 +1406,8 @@ def run_cli(args: Any) -> int:
         out = args.runs / "decoder" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         cfg = _overrides(DecoderTrainConfig(), args, (*common, "code_noise", "phase_start", "focus", "focus_weight",
-                                                       "flux_weight", "envelope_weight", "phase_lock"))
+                                                       "flux_weight", "envelope_weight", "phase_lock",
+                                                       "magnitude_gate"))
         rec = train_decoder(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         decoder = out / CHECKPOINT
         print(f"decoder: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "

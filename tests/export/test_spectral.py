@@ -22,6 +22,7 @@ from export.spectral import (
     band_losses,
     direct_loss,
     frame_targets,
+    gated_magnitudes,
     hann,
     lock_regions,
     start_phase,
@@ -64,13 +65,16 @@ def test_hann_sums_to_one_at_half_overlap() -> None:
 
 
 @pytest.mark.parametrize("frames", [1, 3, 7])
-@pytest.mark.parametrize(("channels", "stereo_phase", "phase_start", "phase_lock"),
-                         [(1, "linked", "alternate", 0), (2, "linked", "alternate", 0),
-                          (2, "independent", "alternate", 0), (2, "linked", "zero", 0), (1, "linked", "alternate", 3),
-                          (2, "linked", "alternate", 2), (2, "independent", "alternate", 2), (2, "linked", "zero", 2)])
-def test_stream_equals_offline(channels: int, stereo_phase: str, phase_start: str, phase_lock: int,
+@pytest.mark.parametrize(("channels", "stereo_phase", "phase_start", "phase_lock", "gate"),
+                         [(1, "linked", "alternate", 0, False), (2, "linked", "alternate", 0, False),
+                          (2, "independent", "alternate", 0, False), (2, "linked", "zero", 0, False),
+                          (1, "linked", "alternate", 3, False), (2, "linked", "alternate", 2, False),
+                          (2, "independent", "alternate", 2, False), (2, "linked", "zero", 2, False),
+                          (2, "linked", "alternate", 3, True), (1, "linked", "alternate", 0, True)])
+def test_stream_equals_offline(channels: int, stereo_phase: str, phase_start: str, phase_lock: int, gate: bool,
                                frames: int) -> None:
-    cfg = tiny(channels, stereo_phase=stereo_phase, phase_start=phase_start, phase_lock=phase_lock)
+    cfg = tiny(channels, stereo_phase=stereo_phase, phase_start=phase_start, phase_lock=phase_lock,
+               magnitude_gate=gate)
     codec = random_codec(cfg)
     codes = torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, TOTAL_FRAMES))
     with torch.no_grad():
@@ -147,12 +151,13 @@ def test_stereo_features_see_the_inter_channel_phase() -> None:
     assert type(cfg).from_dict(old).stereo_features is False
 
 
-@pytest.mark.parametrize(("frames", "stereo_phase", "phase_start", "phase_lock"),
-                         [(1, "linked", "alternate", 0), (3, "linked", "zero", 0), (3, "independent", "alternate", 0),
-                          (1, "linked", "alternate", 3), (3, "independent", "zero", 2)])
+@pytest.mark.parametrize(("frames", "stereo_phase", "phase_start", "phase_lock", "gate"),
+                         [(1, "linked", "alternate", 0, False), (3, "linked", "zero", 0, False),
+                          (3, "independent", "alternate", 0, False), (1, "linked", "alternate", 3, False),
+                          (3, "independent", "zero", 2, False), (3, "linked", "alternate", 3, True)])
 def test_onnx_equals_torch(tmp_path: Path, frames: int, stereo_phase: str, phase_start: str,
-                           phase_lock: int) -> None:
-    cfg = tiny(stereo_phase=stereo_phase, phase_start=phase_start, phase_lock=phase_lock)
+                           phase_lock: int, gate: bool) -> None:
+    cfg = tiny(stereo_phase=stereo_phase, phase_start=phase_start, phase_lock=phase_lock, magnitude_gate=gate)
     codec = random_codec(cfg, seed=1)
     dec = codec.streaming_decoder(frames)
     session = ort_session(export_graph(dec, dec.example_inputs(), dec.spec, tmp_path / "decoder.onnx"))
@@ -363,6 +368,23 @@ def test_phase_lock_keeps_a_tone_steady_despite_per_bin_advance_errors(where: fl
         spread[lock] = float(_frame_level_db(y, cfg.hop).std())
     assert spread[3] < 0.5, spread
     assert spread[0] > 3 * spread[3], spread
+
+
+def test_magnitude_gate_holds_where_it_is_shut_and_follows_where_it_is_open() -> None:
+    torch.manual_seed(7)
+    raw = 5.0 + torch.randn(1, 1, 200, 1)  # a jittering level, e.g. the codes of a steady hum
+    raw[:, :, 100:] += 10.0  # ... with an onset at frame 100
+    gate = torch.full_like(raw, 2.0)  # hold ~88 % of the last frame
+    gate[:, :, 100] = -20.0  # open at the onset
+    held = gated_magnitudes(raw, gate, previous=torch.full((1, 1, 1), 5.0))
+    assert float(held[0, 0, 20:100, 0].std()) < 0.4 * float(raw[0, 0, 20:100, 0].std())
+    assert abs(float(held[0, 0, 100, 0] - raw[0, 0, 100, 0])) < 1e-6  # the onset passes at once
+    open_ = gated_magnitudes(raw, torch.full_like(raw, -30.0))
+    assert torch.allclose(open_, raw, atol=1e-6)
+    first = gated_magnitudes(raw[:, :, :37], gate[:, :, :37])
+    rest = gated_magnitudes(raw[:, :, 37:], gate[:, :, 37:], previous=first[:, :, -1])
+    stepped = torch.cat([first, rest], dim=2)
+    assert torch.allclose(stepped, gated_magnitudes(raw, gate), atol=1e-6)  # the state carries the stream
 
 
 def test_direct_loss_is_bounded_and_trains_the_decoder() -> None:
