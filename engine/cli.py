@@ -337,7 +337,6 @@ def _positive(kind: type) -> Callable[[str], Any]:
 _fraction = _number(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 _nonnegative = _number(float, lambda v: v >= 0, ">= 0")
 _phase_lock = _number(int, lambda v: 0 <= v <= 8, "0..8 (bins to a peak; 0 is off)")
-_lock_prominence = _number(float, lambda v: 0 <= v <= 40, "0..40 dB (0 locks every peak)")
 
 
 def _prompt_numbers(text: str) -> tuple[int, ...]:
@@ -537,10 +536,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the decoder a learned per-bin gate that holds part of each bin's last magnitude, "
                         "so a steady sound can come out steady while attacks pass (a new head, started almost "
                         "shut)")
-    p.add_argument("--lock-prominence", type=_lock_prominence, default=None, metavar="DB",
-                   help="with --phase-lock: lock only the partials whose peak stands DB over the mean of the "
-                        "bins around it, so that noise (a rumble, a sizzle) keeps its own phases instead of "
-                        "turning tonal; 0 locks every peak (default 0)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")

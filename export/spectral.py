@@ -43,11 +43,8 @@ reaches by climbing ``n`` times to its louder neighbour (:func:`lock_regions`),
 shifted by the half turn per bin of one partial's main lobe: a phase vocoder's
 identity phase locking (Laroche and Dolson). Only the peaks' advances then
 carry over from frame to frame, the bins around them follow, and a partial's
-lobe stays one partial. A noise, though, locked to its few highest bins turns
-tonal; with ``lock_prominence = d`` (dB) only a region whose peak stands ``d``
-over the mean of the bins around it locks, and noise keeps its own phases. The
-locked phase is the step graph's state, as the plain accumulated phase is
-without locking::
+lobe stays one partial. The locked phase is the step graph's state, as the
+plain accumulated phase is without locking::
 
     psi[t, k] = acc[t, p] + pi (k - p) - (start[k] - start[p])     acc[t] = psi[t - 1] + a[t]
     p = lock_regions(|X[t]|, n)[k]                                 (0 mod 2 pi for "alternate")
@@ -94,8 +91,6 @@ PHASE_STARTS = ("alternate", "zero")
 """Where each bin's accumulated phase starts (see the module docstring, "Phase")."""
 MAX_PHASE_LOCK = 8
 """The most climbs :func:`lock_regions` may take (a peak at most this many bins away)."""
-MAX_LOCK_PROMINENCE = 40.0
-"""The most dB :func:`lock_regions` may ask a peak to stand over its neighbourhood."""
 
 
 @dataclass
@@ -118,7 +113,6 @@ class SpectralCodecConfig:
     phase_start: str = "alternate"  # configs saved before it existed mean "zero" (see from_dict)
     phase_lock: int = 0  # climbs of :func:`lock_regions` (0: every bin keeps its own phase; see "Phase locking")
     magnitude_gate: bool = False  # the decoder says how much of each bin's last magnitude it keeps (gated_magnitudes)
-    lock_prominence: float = 0.0  # dB a peak must stand over its neighbourhood to lock its region (0: every peak)
 
     def __post_init__(self) -> None:
         if self.kind != "spectral":
@@ -132,10 +126,6 @@ class SpectralCodecConfig:
         if not 0 <= int(self.phase_lock) <= MAX_PHASE_LOCK:
             raise ValueError(f"SpectralCodecConfig.phase_lock must be 0..{MAX_PHASE_LOCK} (climbs to a bin's "
                              f"peak; 0 is off), got {self.phase_lock!r}")
-        if not 0.0 <= float(self.lock_prominence) <= MAX_LOCK_PROMINENCE:
-            raise ValueError(f"SpectralCodecConfig.lock_prominence must be 0..{MAX_LOCK_PROMINENCE:g} dB (how far "
-                             f"a peak must stand out to lock its region; 0 locks every peak), "
-                             f"got {self.lock_prominence!r}")
         if self.channels not in (1, 2):
             raise ValueError(f"SpectralCodecConfig.channels must be 1 or 2, got {self.channels}")
         for name in ("sample_rate", "hop", "hidden", "dimension", "kernel_size", "n_codebooks", "codebook_size"):
@@ -326,8 +316,7 @@ class SpectralDecoder(nn.Module):
         # not flow back through the whole history (which made it noisy and training slow).
         if cfg.phase_lock:
             ref = lock_reference(mag.detach(), cfg.linked)
-            phase = locked_phases(advance, ref, start, cfg.phase_lock, detach=True,
-                                  prominence=cfg.lock_prominence) + start
+            phase = locked_phases(advance, ref, start, cfg.phase_lock, detach=True) + start
         else:
             inherited = (torch.cumsum(advance, dim=2) - advance).detach()
             phase = inherited + advance + start
@@ -475,7 +464,7 @@ def start_phase(odd: torch.Tensor, cfg: SpectralCodecConfig) -> torch.Tensor:
     return odd * math.pi if cfg.phase_start == "alternate" else torch.zeros_like(odd)
 
 
-def lock_regions(ref: torch.Tensor, climbs: int, prominence: float = 0.0) -> torch.Tensor:
+def lock_regions(ref: torch.Tensor, climbs: int) -> torch.Tensor:
     """The bin each bin takes its phase from: ``ref [..., N]`` (magnitudes) -> indices ``[..., N]`` (int64).
 
     Each bin climbs ``climbs`` times to its louder neighbour (the louder of the two when both are louder
@@ -486,16 +475,9 @@ def lock_regions(ref: torch.Tensor, climbs: int, prominence: float = 0.0) -> tor
     Example, magnitudes of one frame and two climbs::
 
         bin     0  1  2  3  4  5  6  7
-        ref     1  2  8  3  1  2  3  2
+        ref     1  2  5  3  1  1  4  2
         step    1  2  2  2  3  6  6  6      (each bin's louder neighbour, or itself)
         lock    2  2  2  2  2  6  6  6      (two steps; bin 4 reached 2 via 3)
-
-    With ``prominence`` (dB) a region locks only if its peak stands that much over the mean magnitude of
-    the ``2 climbs + 1`` bins around it (a partial's lobe does; the highest bin of a stretch of noise hardly
-    does): the other bins keep their own phase, so noise stays noise. Here with 6 dB: around bin 2 the mean
-    is 3 (8 / 3: 8.5 dB), around bin 6 it is 2 (bins 4-7; 3 / 2: 3.5 dB)::
-
-        lock    2  2  2  2  2  5  6  7      (2's region locks; 6's keeps its own phases)
     """
     n = ref.shape[-1]
     here = torch.arange(n, device=ref.device).expand_as(ref)
@@ -508,11 +490,6 @@ def lock_regions(ref: torch.Tensor, climbs: int, prominence: float = 0.0) -> tor
     lock = step
     for _ in range(climbs - 1):
         lock = torch.gather(step, -1, lock)
-    if prominence > 0:
-        flat = ref.reshape(-1, 1, n)
-        local = F.avg_pool1d(flat, 2 * climbs + 1, stride=1, padding=climbs, count_include_pad=False)
-        stands = (flat >= local * 10.0 ** (prominence / 20.0)).reshape(ref.shape)
-        lock = torch.where(torch.gather(stands, -1, lock), lock, here)
     return lock
 
 
@@ -547,7 +524,7 @@ def lock_reference(mag: torch.Tensor, linked: bool) -> torch.Tensor:
 
 
 def locked_phases(advance: torch.Tensor, ref: torch.Tensor, start: torch.Tensor, climbs: int,
-                  phase: torch.Tensor | None = None, detach: bool = False, prominence: float = 0.0) -> torch.Tensor:
+                  phase: torch.Tensor | None = None, detach: bool = False) -> torch.Tensor:
     """Accumulated phases with identity phase locking, ``[B, C, F, N]`` (the start not included).
 
     ``advance [B, C, F, N]`` per-frame advances, ``ref [B, C, F, N]`` the magnitudes the regions are found
@@ -557,7 +534,6 @@ def locked_phases(advance: torch.Tensor, ref: torch.Tensor, start: torch.Tensor,
     neighbouring bins of one partial (see :func:`start_phase`); in these start-less terms that is
     ``pi (k - p) - (start[k] - start[p])``, which is 0 (mod 2 pi) for ``"alternate"``. ``detach`` keeps the
     gradient out of the inherited phase, as :meth:`SpectralDecoder.synthesize` does without locking.
-    ``prominence`` (dB) locks only the regions whose peak stands out (:func:`lock_regions`).
     """
     b, c, f, n = advance.shape
     psi = advance.new_zeros(b, c, n) if phase is None else phase
@@ -565,7 +541,7 @@ def locked_phases(advance: torch.Tensor, ref: torch.Tensor, start: torch.Tensor,
     out = []
     for t in range(f):
         acc = (psi.detach() if detach else psi) + advance[:, :, t]
-        lock = lock_regions(ref[:, :, t], climbs, prominence)
+        lock = lock_regions(ref[:, :, t], climbs)
         shift = math.pi * (k - lock).to(acc.dtype) - (start - start[lock])
         psi = torch.gather(acc, -1, lock) + shift
         psi = psi - TWO_PI * torch.floor(psi / TWO_PI)
@@ -628,11 +604,6 @@ class SpectralCodec(nn.Module):
         """Lock each bin's phase to its peak's, found in ``climbs`` steps (:func:`locked_phases`; 0: off) from
         now on: a decoder fine-tuned with locking uses this (the weights are the same shapes)."""
         self._reconfigure(phase_lock=int(climbs))
-
-    def set_lock_prominence(self, db: float) -> None:
-        """Lock only the regions whose peak stands ``db`` over its neighbourhood (:func:`lock_regions`; 0:
-        every region) from now on."""
-        self._reconfigure(lock_prominence=float(db))
 
     def add_magnitude_gate(self) -> None:
         """Give the decoder a magnitude gate head (:func:`gated_magnitudes`), started almost shut
@@ -741,8 +712,7 @@ class StreamingSpectralDecoder(CodesStepGraph):
         adv, offset = phase_channels(out[1], self.odd, cfg.linked)
         if cfg.phase_lock:
             ref = lock_reference(mag, cfg.linked)
-            phase = locked_phases(adv[None], ref[None], self.start, cfg.phase_lock, state_in[-2],
-                                  prominence=cfg.lock_prominence)[0]
+            phase = locked_phases(adv[None], ref[None], self.start, cfg.phase_lock, state_in[-2])[0]
         else:
             phase = state_in[-2][0][:, None] + torch.cumsum(adv, dim=1)  # [C, F, N]
         heard = phase + self.start + offset if cfg.linked else phase + self.start

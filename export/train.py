@@ -124,7 +124,7 @@ LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"context_noise": 0.0, "self_feed": 0.0},
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
                 "envelope_weight": 0.0, "code_noise": 0.0, "phase_start": "zero", "focus": (), "focus_weight": 1.0,
-                "phase_lock": 0, "magnitude_gate": False, "lock_prominence": 0.0},
+                "phase_lock": 0, "magnitude_gate": False},
 }
 """What a stage's saved config meant for fields it predates: a run resumes and loads as it was trained."""
 
@@ -168,8 +168,6 @@ class DecoderTrainConfig:
     #                      (spectral.locked_phases; 0 keeps every bin's own accumulated phase)
     magnitude_gate: bool = False  # spectral codec only: a learned per-bin hold of the last frame's magnitude
     #                               (spectral.gated_magnitudes; a new head, started almost shut)
-    lock_prominence: float = 0.0  # spectral codec only, with phase_lock: dB a peak must stand over its
-    #                               neighbourhood to lock its region (spectral.lock_regions; 0: every peak)
     code_noise: float = 0.0  # fraction of the decoder's input codes replaced by random ones (the targets stay
     #                          the clean audio), so that it renders an LM's less certain codes as their family
     focus: tuple[int, ...] = (2, 16)  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as
@@ -759,7 +757,6 @@ def load_decoder(codec: Codec | SpectralCodec, path: str | Path, codec_digest: s
         codec.set_stereo_phase(saved["stereo_phase"])
         codec.set_phase_start(saved["phase_start"])
         codec.set_phase_lock(saved["phase_lock"])
-        codec.set_lock_prominence(saved["lock_prominence"])
         if saved["magnitude_gate"]:
             codec.add_magnitude_gate()
     codec.decoder.load_state_dict(dstate["model"])
@@ -816,9 +813,6 @@ def train_decoder(
         cfg = resumed(DecoderTrainConfig(**saved_config("decoder", state["config"])), cfg)
         log.info("resuming the decoder from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or DecoderTrainConfig()
-    if cfg.lock_prominence and not cfg.phase_lock:
-        raise TrainError(f"lock_prominence {cfg.lock_prominence:g} dB says which peaks lock their phase, but "
-                         "phase locking is off: add --phase-lock N (e.g. 3), or drop --lock-prominence")
     weights = prompt_weights(cfg.focus, cfg.focus_weight)
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
@@ -827,7 +821,6 @@ def train_decoder(
     if isinstance(codec, SpectralCodec):
         codec.set_phase_start(cfg.phase_start)
         codec.set_phase_lock(cfg.phase_lock)
-        codec.set_lock_prominence(cfg.lock_prominence)
         if cfg.magnitude_gate:
             codec.add_magnitude_gate()
     codec = codec.to(dev)
@@ -1414,7 +1407,7 @@ def run_cli(args: Any) -> int:
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         cfg = _overrides(DecoderTrainConfig(), args, (*common, "code_noise", "phase_start", "focus", "focus_weight",
                                                        "flux_weight", "envelope_weight", "phase_lock",
-                                                       "magnitude_gate", "lock_prominence"))
+                                                       "magnitude_gate"))
         rec = train_decoder(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         decoder = out / CHECKPOINT
         print(f"decoder: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "

@@ -111,7 +111,6 @@ def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     # ... and from before phase locking: every bin keeps its own phase
     assert train.saved_config("decoder", {"steps": 5})["phase_lock"] == 0
     assert train.saved_config("decoder", {"steps": 5})["magnitude_gate"] is False
-    assert train.saved_config("decoder", {"steps": 5})["lock_prominence"] == 0.0
     assert train.saved_config("decoder", {"steps": 5})["focus_weight"] == 1.0
     assert train.saved_config("decoder", {"flux_weight": 1.0})["flux_weight"] == 1.0  # a saved weight stays
     assert train.saved_config("lm", {"steps": 5}) == {"steps": 5, "context_noise": 0.0, "self_feed": 0.0}
@@ -623,17 +622,10 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     from export.unpack import codec_from_pack
 
     dec = tmp_path / "dec"
-    assert main(["train", "decoder", "--codec", str(base_pack), "--steps", "2", "--threads", "1", "--out", str(dec),
-                 "--lock-prominence", "6"]) == 1
-    assert "phase locking is off: add --phase-lock N" in capsys.readouterr().err
-    assert not (dec / train.CHECKPOINT).exists()
-    with pytest.raises(SystemExit):
-        main(["train", "decoder", "--lock-prominence", "60"])
-    assert "--lock-prominence: must be 0..40 dB" in capsys.readouterr().err
     assert main(["train", "decoder", "--codec", str(base_pack), "--steps", "2", "--batch", "2", "--threads", "1",
                  "--out", str(dec), "--phase-start", "alternate", "--code-noise", "0.2", "--focus", "2,16",
                  "--focus-weight", "3", "--flux-weight", "2.5", "--envelope-weight", "0", "--phase-lock", "2",
-                 "--magnitude-gate", "--lock-prominence", "6"]) == 0
+                 "--magnitude-gate"]) == 0
     printed = capsys.readouterr().out
     assert "decoder: step 2" in printed
     assert f"pack it with `cicada train pack --codec {base_pack} --decoder {dec / train.CHECKPOINT}`" in printed
@@ -644,7 +636,6 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     assert tuple(state["config"]["focus"]) == (2, 16) and state["config"]["focus_weight"] == 3.0
     assert state["config"]["flux_weight"] == 2.5 and state["config"]["envelope_weight"] == 0.0
     assert state["config"]["phase_lock"] == 2 and state["config"]["magnitude_gate"] is True
-    assert state["config"]["lock_prominence"] == 6.0
     base = codec_from_pack(packfmt.load(base_pack))
     assert base.cfg.phase_start == "zero"  # the codec stage's recipe
     assert any(not torch.equal(v, state["model"][k]) for k, v in base.decoder.state_dict().items())  # it trained
@@ -667,10 +658,9 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     # the new graph is the fine-tuned decoder: the pack reads back (checked against its graphs) with its weights,
     # and with the phase start it was fine-tuned with (a graph that started at 0 would fail that check)
     assert tr["codec"]["phase_start"] == "alternate" and tr["codec"]["phase_lock"] == 2
-    assert tr["codec"]["magnitude_gate"] is True and tr["codec"]["lock_prominence"] == 6.0
+    assert tr["codec"]["magnitude_gate"] is True
     tuned = codec_from_pack(pack)
     assert tuned.cfg.phase_start == "alternate" and tuned.cfg.phase_lock == 2 and tuned.cfg.magnitude_gate
-    assert tuned.cfg.lock_prominence == 6.0
     for k, v in state["model"].items():  # large weights were stored as float16, small ones as they were
         got = tuned.decoder.state_dict()[k]
         assert torch.equal(got, v) or torch.equal(got, v.half().float()), k
