@@ -283,7 +283,8 @@ class SpectralDecoder(nn.Module):
     def __init__(self, cfg: SpectralCodecConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.net = FrameNet(cfg.dimension, cfg.hidden, cfg.heads * cfg.channels * cfg.bins, cfg.decoder_blocks, cfg.kernel_size)
+        self.net = FrameNet(cfg.dimension, cfg.hidden, cfg.heads * cfg.channels * cfg.bins, cfg.decoder_blocks,
+                            cfg.kernel_size)
         self.register_buffer("window", hann(cfg.n_fft).sqrt().float(), persistent=False)
         self.register_buffer("odd", (torch.arange(cfg.bins) % 2).float(), persistent=False)
 
@@ -698,10 +699,10 @@ class StreamingSpectralDecoder(CodesStepGraph):
         z = F.embedding(codes + self.offsets, self.table).sum(dim=1).transpose(1, 2)  # [1, D, F]
         h = self.inp(z)
         new_state: list[torch.Tensor] = []
-        for block, cache in zip(self.blocks, state_in[:-2]):
+        for block, cache in zip(self.blocks, state_in[: len(self.blocks)]):
             h, cache = block(h, cache)
             new_state.append(cache)
-        out = self.out(h)  # [1, 2 * C * N, F]
+        out = self.out(h)  # [1, heads * C * N, F]
         c, n, f = cfg.channels, cfg.bins, self.frames
         out = out.reshape(cfg.heads, c, n, f).transpose(2, 3)  # [heads, C, F, N]
         log_mag = log_magnitude(out[0], cfg.n_fft)

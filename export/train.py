@@ -755,12 +755,18 @@ def load_decoder(codec: Codec | SpectralCodec, path: str | Path, codec_digest: s
     if isinstance(codec, SpectralCodec):
         saved = saved_config("decoder", dstate["config"])
         codec.set_stereo_phase(saved["stereo_phase"])
-        codec.set_phase_start(saved["phase_start"])
-        codec.set_phase_lock(saved["phase_lock"])
-        if saved["magnitude_gate"]:
-            codec.add_magnitude_gate()
+        set_decoder_options(codec, saved)
     codec.decoder.load_state_dict(dstate["model"])
     return {k: v for k, v in drec.items() if k != "codec_record"}
+
+
+def set_decoder_options(codec: SpectralCodec, options: dict[str, Any]) -> None:
+    """Give a spectral codec's decoder a fine-tune's phase start, phase locking and magnitude gate (``options``:
+    a :class:`DecoderTrainConfig` as a dict), before its weights are trained or loaded."""
+    codec.set_phase_start(options["phase_start"])
+    codec.set_phase_lock(options["phase_lock"])
+    if options["magnitude_gate"]:
+        codec.add_magnitude_gate()
 
 
 def link_stereo_phase(codec: SpectralCodec, mode: str) -> None:
@@ -773,7 +779,7 @@ def link_stereo_phase(codec: SpectralCodec, mode: str) -> None:
     codec.set_stereo_phase(mode)
     if codec.cfg.linked:
         n = codec.cfg.bins
-        rows = slice(3 * n, 4 * n)  # head layout [2 (magnitude, phase), C, N]: phase of channel 1
+        rows = slice(3 * n, 4 * n)  # head layout [heads (magnitude, phase[, gate]), C, N]: phase of channel 1
         with torch.no_grad():
             codec.decoder.net.out.weight[rows].zero_()
             codec.decoder.net.out.bias[rows].zero_()
@@ -819,10 +825,7 @@ def train_decoder(
     if isinstance(codec, SpectralCodec) and codec.cfg.stereo_phase != cfg.stereo_phase:
         link_stereo_phase(codec, cfg.stereo_phase)
     if isinstance(codec, SpectralCodec):
-        codec.set_phase_start(cfg.phase_start)
-        codec.set_phase_lock(cfg.phase_lock)
-        if cfg.magnitude_gate:
-            codec.add_magnitude_gate()
+        set_decoder_options(codec, dataclasses.asdict(cfg))
     codec = codec.to(dev)
     codec.encoder.eval().requires_grad_(False)
     codec.quantizer.eval().requires_grad_(False)
