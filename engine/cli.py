@@ -536,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the decoder a learned per-bin gate that holds part of each bin's last magnitude, "
                         "so a steady sound can come out steady while attacks pass (a new head, started almost "
                         "shut)")
+    p.add_argument("--learned-lock", action="store_true", default=None,
+                   help="with --phase-lock: let the decoder learn, bin by bin, how far each phase follows its "
+                        "peak's, so a hum's partials lock while noise keeps its own phases (a new head, "
+                        "started almost fully locked)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")

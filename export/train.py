@@ -124,7 +124,7 @@ LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"context_noise": 0.0, "self_feed": 0.0},
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
                 "envelope_weight": 0.0, "code_noise": 0.0, "phase_start": "zero", "focus": (), "focus_weight": 1.0,
-                "phase_lock": 0, "magnitude_gate": False},
+                "phase_lock": 0, "magnitude_gate": False, "learned_lock": False},
 }
 """What a stage's saved config meant for fields it predates: a run resumes and loads as it was trained."""
 
@@ -168,6 +168,9 @@ class DecoderTrainConfig:
     #                      (spectral.locked_phases; 0 keeps every bin's own accumulated phase)
     magnitude_gate: bool = False  # spectral codec only: a learned per-bin hold of the last frame's magnitude
     #                               (spectral.gated_magnitudes; a new head, started almost shut)
+    learned_lock: bool = False  # spectral codec with phase_lock only: a learned per-bin share of the peak's
+    #                             phase (spectral.locked_phases; a new head, started almost fully locked)
+    lock_weight: float = 1.0  # weight of its per-bin target (spectral.lock_targets) with learned_lock
     code_noise: float = 0.0  # fraction of the decoder's input codes replaced by random ones (the targets stay
     #                          the clean audio), so that it renders an LM's less certain codes as their family
     focus: tuple[int, ...] = (2, 16)  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as
@@ -514,13 +517,14 @@ class LossWeights:
     band: float = 0.0
     flux: float = 0.0
     envelope: float = 0.0
+    lock: float = 0.0
 
     @classmethod
     def of(cls, cfg: Any) -> LossWeights:
         """The weights a codec or decoder training config says."""
         return cls(cfg.wave_weight, cfg.magnitude_weight, cfg.phase_weight, cfg.stereo_weight,
                    getattr(cfg, "band_weight", 0.0), getattr(cfg, "flux_weight", 0.0),
-                   getattr(cfg, "envelope_weight", 0.0))
+                   getattr(cfg, "envelope_weight", 0.0), getattr(cfg, "lock_weight", 0.0))
 
 
 def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, latent: torch.Tensor, w: LossWeights
@@ -549,7 +553,8 @@ def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, latent:
     zero = x.new_zeros(())
     out["total"] = (out["spectral"] + w.wave * out["wave"] + w.magnitude * out.get("magnitude", zero)
                     + w.phase * (out.get("phase", zero) + out.get("ipd", zero)) + w.band * out.get("band", zero)
-                    + w.flux * out.get("flux", zero) + w.envelope * out.get("envelope", zero))
+                    + w.flux * out.get("flux", zero) + w.envelope * out.get("envelope", zero)
+                    + w.lock * out.get("lock", zero))
     for name in ("band", "flux"):  # reported only where they are trained on
         if not getattr(w, name):
             out.pop(name, None)
@@ -761,12 +766,20 @@ def load_decoder(codec: Codec | SpectralCodec, path: str | Path, codec_digest: s
 
 
 def set_decoder_options(codec: SpectralCodec, options: dict[str, Any]) -> None:
-    """Give a spectral codec's decoder a fine-tune's phase start, phase locking and magnitude gate (``options``:
-    a :class:`DecoderTrainConfig` as a dict), before its weights are trained or loaded."""
+    """Give a spectral codec's decoder a fine-tune's phase start, phase locking, magnitude gate and learned
+    lock (``options``: a :class:`DecoderTrainConfig` as a dict), before its weights are trained or loaded."""
+    if options["learned_lock"] and not options["phase_lock"]:
+        raise TrainError("--learned-lock needs --phase-lock N (N >= 1): it learns how far each bin follows "
+                         "the peak that the lock finds")
+    if codec.cfg.learned_lock and not options["phase_lock"]:
+        raise TrainError("this decoder has a learned lock, which needs phase locking: pass --phase-lock N "
+                         f"(it was trained with {codec.cfg.phase_lock})")
     codec.set_phase_start(options["phase_start"])
     codec.set_phase_lock(options["phase_lock"])
     if options["magnitude_gate"]:
         codec.add_magnitude_gate()
+    if options["learned_lock"]:
+        codec.add_learned_lock()
 
 
 def link_stereo_phase(codec: SpectralCodec, mode: str) -> None:
@@ -779,7 +792,7 @@ def link_stereo_phase(codec: SpectralCodec, mode: str) -> None:
     codec.set_stereo_phase(mode)
     if codec.cfg.linked:
         n = codec.cfg.bins
-        rows = slice(3 * n, 4 * n)  # head layout [heads (magnitude, phase[, gate]), C, N]: phase of channel 1
+        rows = slice(3 * n, 4 * n)  # head layout [heads (magnitude, phase[, gate][, lock]), C, N]: phase of channel 1
         with torch.no_grad():
             codec.decoder.net.out.weight[rows].zero_()
             codec.decoder.net.out.bias[rows].zero_()
@@ -1410,7 +1423,7 @@ def run_cli(args: Any) -> int:
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         cfg = _overrides(DecoderTrainConfig(), args, (*common, "code_noise", "phase_start", "focus", "focus_weight",
                                                        "flux_weight", "envelope_weight", "phase_lock",
-                                                       "magnitude_gate"))
+                                                       "magnitude_gate", "learned_lock"))
         rec = train_decoder(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
         decoder = out / CHECKPOINT
         print(f"decoder: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "

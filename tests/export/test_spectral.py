@@ -25,6 +25,8 @@ from export.spectral import (
     gated_magnitudes,
     hann,
     lock_regions,
+    lock_targets,
+    locked_phases,
     start_phase,
 )
 
@@ -70,11 +72,14 @@ def test_hann_sums_to_one_at_half_overlap() -> None:
                           (2, "independent", "alternate", 0, False), (2, "linked", "zero", 0, False),
                           (1, "linked", "alternate", 3, False), (2, "linked", "alternate", 2, False),
                           (2, "independent", "alternate", 2, False), (2, "linked", "zero", 2, False),
-                          (2, "linked", "alternate", 3, True), (1, "linked", "alternate", 0, True)])
-def test_stream_equals_offline(channels: int, stereo_phase: str, phase_start: str, phase_lock: int, gate: bool,
-                               frames: int) -> None:
+                          (2, "linked", "alternate", 3, True), (1, "linked", "alternate", 0, True),
+                          (2, "linked", "alternate", 2, "lock"), (2, "independent", "alternate", 3, "lock"),
+                          (1, "linked", "zero", 1, "lock")])
+def test_stream_equals_offline(channels: int, stereo_phase: str, phase_start: str, phase_lock: int,
+                               gate: bool | str, frames: int) -> None:
+    """``gate``: True adds the magnitude gate, ``"lock"`` the gate and a learned lock share."""
     cfg = tiny(channels, stereo_phase=stereo_phase, phase_start=phase_start, phase_lock=phase_lock,
-               magnitude_gate=gate)
+               magnitude_gate=bool(gate), learned_lock=gate == "lock")
     codec = random_codec(cfg)
     codes = torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, TOTAL_FRAMES))
     with torch.no_grad():
@@ -154,10 +159,12 @@ def test_stereo_features_see_the_inter_channel_phase() -> None:
 @pytest.mark.parametrize(("frames", "stereo_phase", "phase_start", "phase_lock", "gate"),
                          [(1, "linked", "alternate", 0, False), (3, "linked", "zero", 0, False),
                           (3, "independent", "alternate", 0, False), (1, "linked", "alternate", 3, False),
-                          (3, "independent", "zero", 2, False), (3, "linked", "alternate", 3, True)])
+                          (3, "independent", "zero", 2, False), (3, "linked", "alternate", 3, True),
+                          (3, "linked", "alternate", 3, "lock"), (1, "independent", "alternate", 2, "lock")])
 def test_onnx_equals_torch(tmp_path: Path, frames: int, stereo_phase: str, phase_start: str,
-                           phase_lock: int, gate: bool) -> None:
-    cfg = tiny(stereo_phase=stereo_phase, phase_start=phase_start, phase_lock=phase_lock, magnitude_gate=gate)
+                           phase_lock: int, gate: bool | str) -> None:
+    cfg = tiny(stereo_phase=stereo_phase, phase_start=phase_start, phase_lock=phase_lock, magnitude_gate=bool(gate),
+               learned_lock=gate == "lock")
     codec = random_codec(cfg, seed=1)
     dec = codec.streaming_decoder(frames)
     session = ort_session(export_graph(dec, dec.example_inputs(), dec.spec, tmp_path / "decoder.onnx"))
@@ -284,7 +291,8 @@ def test_linked_stereo_offsets_split_the_phase_difference() -> None:
     codec = random_codec(cfg, seed=10)
     z = torch.randn(1, cfg.dimension, 6)
     with torch.no_grad():
-        m, adv, offset = codec.decoder.spectrum(z)
+        m, adv, offset, share = codec.decoder.spectrum(z)
+    assert share is None
     assert torch.equal(adv[:, 0], adv[:, 1])
     assert torch.allclose(offset[:, 0], -offset[:, 1])
     assert float(offset.abs().max()) < torch.pi / 2 + 1e-6 and float(offset.abs().max()) > 1e-3
@@ -368,6 +376,67 @@ def test_phase_lock_keeps_a_tone_steady_despite_per_bin_advance_errors(where: fl
         spread[lock] = float(_frame_level_db(y, cfg.hop).std())
     assert spread[3] < 0.5, spread
     assert spread[0] > 3 * spread[3], spread
+
+
+def test_a_learned_lock_share_goes_from_each_bins_own_phase_to_its_peaks() -> None:
+    """Share 1 is the plain lock, share 0 each bin's own accumulated phase, and a half share lands half-way
+    along the shorter arc."""
+    g = torch.Generator().manual_seed(3)
+    b, c, f, n = 1, 2, 9, 12
+    advance = torch.rand(b, c, f, n, generator=g) * 6.0
+    ref = torch.rand(b, c, f, n, generator=g)
+    start = start_phase((torch.arange(n) % 2).float(), tiny())
+    full = locked_phases(advance, ref, start, 2)
+    assert torch.allclose(locked_phases(advance, ref, start, 2, share=torch.ones_like(ref)), full, atol=1e-5)
+    own = torch.remainder(torch.cumsum(advance, dim=2), 2 * math.pi)
+    got = locked_phases(advance, ref, start, 2, share=torch.zeros_like(ref))
+    assert float(torch.cos(got - own).min()) > 1.0 - 1e-6
+    half = locked_phases(advance[:, :, :1], ref[:, :, :1], start, 2, share=torch.full_like(ref[:, :, :1], 0.5))
+    apart = torch.remainder(full[:, :, :1] - own[:, :, :1] + math.pi, 2 * math.pi) - math.pi
+    assert float(torch.cos(half - own[:, :, :1] - apart / 2).min()) > 1.0 - 1e-5
+    with pytest.raises(ValueError, match="learned_lock needs phase_lock"):
+        tiny(learned_lock=True)
+
+
+def test_lock_targets_say_a_tones_main_lobe_turns_with_its_peak_and_noise_does_not() -> None:
+    cfg = tiny(1, phase_lock=3)
+    dec = SpectralCodec(cfg).decoder
+    t = torch.arange(60 * cfg.hop) / cfg.sample_rate
+    tone = (0.5 * torch.sin(2 * torch.pi * 4.3 * cfg.sample_rate / cfg.n_fft * t))[None, None]
+    target, _ = frame_targets(dec, tone)
+    target = target[:, :, 2:-2]
+    should, led = lock_targets(target, target.abs(), 3, linked=False)
+    # a sine window's main lobe is 3 bins wide: bins 3-5 turn with the peak (bin 4); bins 2 and 6 lie in the
+    # first side lobes, which are in antiphase, so locking them would be wrong and the target says so
+    assert float(should[0, 0, :, 3:6].mean()) > 0.95, should[0, 0, :, 3:6]
+    assert float(should[0, 0, :, [2, 6]].mean()) < 0.05, should[0, 0, :, [2, 6]]
+    assert led[0, 0, :, 4].sum() == 0 and led[0, 0, :, 3].all()  # the peak leads, its neighbours follow
+    noise = torch.randn(1, 1, 200 * cfg.hop, generator=torch.Generator().manual_seed(1))
+    nt, _ = frame_targets(dec, noise)
+    should, led = lock_targets(nt, nt.abs(), 3, linked=False)
+    chance = float((should * led).sum() / led.sum())
+    assert chance < 0.2, chance  # a noise bin is in phase with its peak two frames running only by chance
+
+
+def test_a_learned_lock_head_starts_almost_locked_and_learns_from_its_own_term() -> None:
+    cfg = tiny(1, phase_lock=2)
+    codec = random_codec(cfg, seed=4)
+    codec.add_magnitude_gate()
+    rows = codec.decoder.net.out.out_channels
+    codec.add_learned_lock()
+    assert codec.cfg.learned_lock and codec.cfg.heads == 4
+    with pytest.raises(ValueError, match="before the learned lock"):
+        SpectralCodec(dataclasses.replace(cfg, magnitude_gate=False, learned_lock=True)).add_magnitude_gate()
+    with pytest.raises(ValueError, match="needs phase locking"):
+        SpectralCodec(tiny(1)).add_learned_lock()
+    out = codec.decoder.net.out
+    assert float(out.weight[rows:].detach().abs().max()) == 0.0
+    assert torch.allclose(out.bias[rows:].detach(), torch.tensor(3.0))
+    audio = torch.randn(1, 1, 12 * cfg.hop) * 0.2
+    losses = direct_loss(codec.decoder, codec.encoder(audio), audio)
+    assert "lock" in losses and 0.0 < float(losses["lock"].detach()) < 5.0
+    losses["lock"].backward()
+    assert float(out.weight.grad[rows:].abs().sum()) > 0.0  # the share's head learns from the term
 
 
 def test_magnitude_gate_holds_where_it_is_shut_and_follows_where_it_is_open() -> None:

@@ -111,6 +111,7 @@ def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     # ... and from before phase locking: every bin keeps its own phase
     assert train.saved_config("decoder", {"steps": 5})["phase_lock"] == 0
     assert train.saved_config("decoder", {"steps": 5})["magnitude_gate"] is False
+    assert train.saved_config("decoder", {"steps": 5})["learned_lock"] is False
     assert train.saved_config("decoder", {"steps": 5})["focus_weight"] == 1.0
     assert train.saved_config("decoder", {"flux_weight": 1.0})["flux_weight"] == 1.0  # a saved weight stays
     assert train.saved_config("lm", {"steps": 5}) == {"steps": 5, "context_noise": 0.0, "self_feed": 0.0}
@@ -619,13 +620,13 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     from engine import pack as packfmt
     from engine.generator import Generator, GenParams
     from engine.sampling import SamplingParams
-    from export.unpack import codec_from_pack
+    from export.unpack import UnpackError, check_codec, codec_from_pack
 
     dec = tmp_path / "dec"
     assert main(["train", "decoder", "--codec", str(base_pack), "--steps", "2", "--batch", "2", "--threads", "1",
                  "--out", str(dec), "--phase-start", "alternate", "--code-noise", "0.2", "--focus", "2,16",
                  "--focus-weight", "3", "--flux-weight", "2.5", "--envelope-weight", "0", "--phase-lock", "2",
-                 "--magnitude-gate"]) == 0
+                 "--magnitude-gate", "--learned-lock"]) == 0
     printed = capsys.readouterr().out
     assert "decoder: step 2" in printed
     assert f"pack it with `cicada train pack --codec {base_pack} --decoder {dec / train.CHECKPOINT}`" in printed
@@ -636,6 +637,7 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     assert tuple(state["config"]["focus"]) == (2, 16) and state["config"]["focus_weight"] == 3.0
     assert state["config"]["flux_weight"] == 2.5 and state["config"]["envelope_weight"] == 0.0
     assert state["config"]["phase_lock"] == 2 and state["config"]["magnitude_gate"] is True
+    assert state["config"]["learned_lock"] is True
     base = codec_from_pack(packfmt.load(base_pack))
     assert base.cfg.phase_start == "zero"  # the codec stage's recipe
     assert any(not torch.equal(v, state["model"][k]) for k, v in base.decoder.state_dict().items())  # it trained
@@ -658,9 +660,18 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     # the new graph is the fine-tuned decoder: the pack reads back (checked against its graphs) with its weights,
     # and with the phase start it was fine-tuned with (a graph that started at 0 would fail that check)
     assert tr["codec"]["phase_start"] == "alternate" and tr["codec"]["phase_lock"] == 2
-    assert tr["codec"]["magnitude_gate"] is True
+    assert tr["codec"]["magnitude_gate"] is True and tr["codec"]["learned_lock"] is True
     tuned = codec_from_pack(pack)
     assert tuned.cfg.phase_start == "alternate" and tuned.cfg.phase_lock == 2 and tuned.cfg.magnitude_gate
+    assert tuned.cfg.learned_lock
+    # a locked decoder is checked by its spectrogram (its lock flips on rounding ties), and still refused when
+    # a weight came back wrong
+    assert check_codec(tuned, pack, seconds=1.0)["mel_error_db"] < 0.05
+    wrong = codec_from_pack(pack)
+    with torch.no_grad():
+        wrong.decoder.net.blocks[0].norm_bias.add_(0.5)
+    with pytest.raises(UnpackError, match="does not match them"):
+        check_codec(wrong, pack, seconds=1.0)
     for k, v in state["model"].items():  # large weights were stored as float16, small ones as they were
         got = tuned.decoder.state_dict()[k]
         assert torch.equal(got, v) or torch.equal(got, v.half().float()), k
@@ -668,8 +679,13 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     block = np.concatenate([gen.next_block().copy() for _ in range(5)], axis=-1)
     assert block.shape[0] == 2 and np.isfinite(block).all()
 
-    # a second fine-tune of the result keeps the first one's record inside its own
-    again = train.train_decoder(tmp_path / "dec2", train.DecoderTrainConfig(steps=1, batch=1, segment=0.1, warmup=1),
+    # a second fine-tune of the result keeps the first one's record inside its own; its learned lock needs
+    # the lock it learned on
+    with pytest.raises(train.TrainError, match="has a learned lock"):
+        train.train_decoder(tmp_path / "dec2", train.DecoderTrainConfig(steps=1, batch=1, segment=0.1, warmup=1),
+                            codec_checkpoint=out, device="cpu", quiet=True)
+    again = train.train_decoder(tmp_path / "dec2", train.DecoderTrainConfig(steps=1, batch=1, segment=0.1, warmup=1,
+                                                                            phase_lock=2),
                                 codec_checkpoint=out, device="cpu", quiet=True)
     assert again["codec_pack"] == str(out)
     packed = train.export_pack(tmp_path / "pack2", codec_checkpoint=out, decoder_checkpoint=tmp_path / "dec2" /
@@ -708,7 +724,7 @@ def test_a_decoder_fine_tune_links_an_independent_codecs_stereo_phase(tmp_path: 
     start, _ = train.load_codec(codec_ckpt)
     train.link_stereo_phase(start, "linked")
     with torch.no_grad():
-        _, adv, offset = start.decoder.spectrum(torch.randn(1, start.cfg.dimension, 5))
+        _, adv, offset, _ = start.decoder.spectrum(torch.randn(1, start.cfg.dimension, 5))
     assert torch.equal(offset, torch.zeros_like(offset)) and torch.equal(adv[:, 0], adv[:, 1])
     rec = train.train_decoder(tmp_path / "dec", train.DecoderTrainConfig(steps=2, batch=2, segment=0.1, warmup=1),
                               codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
