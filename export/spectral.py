@@ -173,9 +173,19 @@ class SpectralCodecConfig:
 
     @property
     def heads(self) -> int:
-        """Decoder outputs per channel and bin: log magnitude, phase, with ``magnitude_gate`` the gate, and
-        with ``learned_lock`` the lock share (always the last)."""
-        return 2 + int(self.magnitude_gate) + int(self.learned_lock)
+        """Decoder outputs per channel and bin: log magnitude, phase, and with ``magnitude_gate`` the gate."""
+        return 3 if self.magnitude_gate else 2
+
+    @property
+    def lock_channels(self) -> int:
+        """Rows of bins of the ``learned_lock`` share (after the heads): one for linked stereo, which shares
+        one phase, else one per channel; 0 without it."""
+        return 0 if not self.learned_lock else 1 if self.linked else self.channels
+
+    @property
+    def decoder_outputs(self) -> int:
+        """Rows of the decoder network's output: ``[heads, C, N]`` then the lock share's ``[lock_channels, N]``."""
+        return (self.heads * self.channels + self.lock_channels) * self.bins
 
     @property
     def linked(self) -> bool:
@@ -296,8 +306,7 @@ class SpectralDecoder(nn.Module):
     def __init__(self, cfg: SpectralCodecConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.net = FrameNet(cfg.dimension, cfg.hidden, cfg.heads * cfg.channels * cfg.bins, cfg.decoder_blocks,
-                            cfg.kernel_size)
+        self.net = FrameNet(cfg.dimension, cfg.hidden, cfg.decoder_outputs, cfg.decoder_blocks, cfg.kernel_size)
         self.register_buffer("window", hann(cfg.n_fft).sqrt().float(), persistent=False)
         self.register_buffer("odd", (torch.arange(cfg.bins) % 2).float(), persistent=False)
 
@@ -310,11 +319,15 @@ class SpectralDecoder(nn.Module):
         """
         cfg = self.cfg
         b, _, f = z.shape
-        h = self.net(z).reshape(b, cfg.heads, cfg.channels, cfg.bins, f).permute(1, 0, 2, 4, 3)
+        out = self.net(z)
+        rows = cfg.heads * cfg.channels * cfg.bins
+        h = out[:, :rows].reshape(b, cfg.heads, cfg.channels, cfg.bins, f).permute(1, 0, 2, 4, 3)
         log_mag = log_magnitude(h[0], cfg.n_fft)
         if cfg.magnitude_gate:
             log_mag = gated_magnitudes(log_mag, h[2], detach=True)
-        share = lock_share(h[-1], cfg.linked) if cfg.learned_lock else None
+        share = None
+        if cfg.learned_lock:
+            share = lock_share(out[:, rows:].reshape(b, cfg.lock_channels, cfg.bins, f).transpose(2, 3), cfg.channels)
         return (log_mag, *phase_channels(h[1], self.odd, cfg.linked), share)
 
     def synthesize(self, log_mag: torch.Tensor, advance: torch.Tensor, offset: torch.Tensor | None = None,
@@ -548,11 +561,12 @@ LOCK_COHERENCE = 0.9
 less the half turns between them, exceeds this (within about 25 degrees)."""
 
 
-def lock_share(h: torch.Tensor, linked: bool) -> torch.Tensor:
-    """The lock-share head ``h [..., C, F, N]`` -> how far each bin's phase moves to its peak's, ``[..., C, F, N]``
-    in ``(0, 1)``; linked stereo shares one phase, so both channels take channel 0's share."""
-    share = torch.sigmoid(h if not linked else h[..., :1, :, :])
-    return share.expand_as(h) if linked else share
+def lock_share(h: torch.Tensor, channels: int) -> torch.Tensor:
+    """The lock-share head ``h [..., L, F, N]`` -> how far each bin's phase moves to its peak's,
+    ``[..., channels, F, N]`` in ``(0, 1)``. ``L`` is 1 for linked stereo (one phase, so one share for both
+    channels) or ``channels``."""
+    share = torch.sigmoid(h)
+    return share.expand(*share.shape[:-3], channels, *share.shape[-2:])
 
 
 def lock_targets(target: torch.Tensor, ref: torch.Tensor, climbs: int, linked: bool
@@ -667,7 +681,11 @@ class SpectralCodec(nn.Module):
 
     def set_stereo_phase(self, mode: str) -> None:
         """Decode stereo phase as ``mode`` (:data:`STEREO_PHASES`) from now on. The weights have the same
-        shapes either way; a decoder fine-tuned with another mode than its codec's uses this."""
+        shapes either way (but for a learned lock's, so it refuses to relink one); a decoder fine-tuned with
+        another mode than its codec's uses this."""
+        if self.cfg.learned_lock and mode != self.cfg.stereo_phase:
+            raise ValueError(f"this decoder's learned lock was made for {self.cfg.stereo_phase} stereo phase; it "
+                             f"cannot change to {mode}")
         self._reconfigure(stereo_phase=mode)
 
     def set_phase_start(self, start: str) -> None:
@@ -692,18 +710,20 @@ class SpectralCodec(nn.Module):
 
     def add_learned_lock(self) -> None:
         """Give a locking decoder a lock-share head (:func:`locked_phases`' ``share``), started almost fully
-        locked (:data:`LOCK_BIAS`), so that a decoder fine-tuned with it starts where it was."""
+        locked (:data:`LOCK_BIAS`), so that a decoder fine-tuned with it starts where it was. Set the stereo
+        phase first: a linked decoder's share has one row of bins, not one per channel."""
         if self.cfg.learned_lock:
             return
         if not self.cfg.phase_lock:
             raise ValueError("a learned lock needs phase locking: set the phase lock (climbs >= 1) first")
-        self._add_head(LOCK_BIAS)
+        self._add_head(LOCK_BIAS, (1 if self.cfg.linked else self.cfg.channels) * self.cfg.bins)
         self._reconfigure(learned_lock=True)
 
-    def _add_head(self, bias: float) -> None:
-        """Grow the decoder's output conv by one head (``C * N`` rows) whose weights are zero and bias ``bias``."""
+    def _add_head(self, bias: float, rows: int | None = None) -> None:
+        """Grow the decoder's output conv by ``rows`` (default one head, ``C * N``) whose weights are zero and
+        bias ``bias``."""
         out = self.decoder.net.out
-        rows = self.cfg.channels * self.cfg.bins
+        rows = self.cfg.channels * self.cfg.bins if rows is None else rows
         new = nn.Conv1d(out.in_channels, out.out_channels + rows, out.kernel_size, device=out.weight.device)
         with torch.no_grad():
             new.weight.zero_()
@@ -792,9 +812,9 @@ class StreamingSpectralDecoder(CodesStepGraph):
         for block, cache in zip(self.blocks, state_in[: len(self.blocks)]):
             h, cache = block(h, cache)
             new_state.append(cache)
-        out = self.out(h)  # [1, heads * C * N, F]
+        full = self.out(h)[0]  # [heads * C * N + lock_channels * N, F]
         c, n, f = cfg.channels, cfg.bins, self.frames
-        out = out.reshape(cfg.heads, c, n, f).transpose(2, 3)  # [heads, C, F, N]
+        out = full[: cfg.heads * c * n].reshape(cfg.heads, c, n, f).transpose(2, 3)  # [heads, C, F, N]
         log_mag = log_magnitude(out[0], cfg.n_fft)
         if cfg.magnitude_gate:
             log_mag = gated_magnitudes(log_mag[None], out[2][None], state_in[-3])[0]
@@ -803,7 +823,9 @@ class StreamingSpectralDecoder(CodesStepGraph):
         adv, offset = phase_channels(out[1], self.odd, cfg.linked)
         if cfg.phase_lock:
             ref = lock_reference(mag, cfg.linked)
-            share = lock_share(out[-1], cfg.linked)[None] if cfg.learned_lock else None
+            share = None
+            if cfg.learned_lock:
+                share = lock_share(full[cfg.heads * c * n:].reshape(cfg.lock_channels, n, f).transpose(1, 2), c)[None]
             phase = locked_phases(adv[None], ref[None], self.start, cfg.phase_lock, state_in[-2], share=share)[0]
         else:
             phase = state_in[-2][0][:, None] + torch.cumsum(adv, dim=1)  # [C, F, N]

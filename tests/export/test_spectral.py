@@ -424,7 +424,12 @@ def test_a_learned_lock_head_starts_almost_locked_and_learns_from_its_own_term()
     codec.add_magnitude_gate()
     rows = codec.decoder.net.out.out_channels
     codec.add_learned_lock()
-    assert codec.cfg.learned_lock and codec.cfg.heads == 4
+    assert codec.cfg.learned_lock and codec.decoder.net.out.out_channels == rows + cfg.bins
+    linked = SpectralCodec(tiny(2, phase_lock=2))
+    linked.add_learned_lock()  # one phase for both channels, so one row of shares
+    assert linked.decoder.net.out.out_channels == (2 * 2 + 1) * linked.cfg.bins == linked.cfg.decoder_outputs
+    with pytest.raises(ValueError, match="cannot change to independent"):
+        linked.set_stereo_phase("independent")
     with pytest.raises(ValueError, match="before the learned lock"):
         SpectralCodec(dataclasses.replace(cfg, magnitude_gate=False, learned_lock=True)).add_magnitude_gate()
     with pytest.raises(ValueError, match="needs phase locking"):
