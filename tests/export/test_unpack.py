@@ -12,7 +12,7 @@ import torch
 
 from engine import pack as packfmt
 from export import train
-from export.unpack import UnpackError, check_codec, codec_from_pack, encoder_margin
+from export.unpack import LOCKED_MEL_TOLERANCE_DB, UnpackError, check_codec, codec_from_pack, encoder_margin
 
 
 def test_the_codec_comes_back_weight_for_weight(runs: Path, base_pack: Path) -> None:
@@ -74,6 +74,8 @@ def test_the_shipped_pack_reads_back() -> None:
 
     pack = packfmt.load(DEFAULT_PACK)
     codec = codec_from_pack(pack, check=False)
-    result = check_codec(codec, pack, seconds=1.0)
-    assert result["codes_equal"] > 0.99 and result["audio_error"] < 1e-3
+    result = check_codec(codec, pack, seconds=1.0)  # raises when they differ
+    assert result["codes_equal"] > 0.99
+    # the shipped decoder locks its phases, so it is compared by its spectrogram (see check_codec)
+    assert codec.cfg.phase_lock and result["mel_error_db"] < LOCKED_MEL_TOLERANCE_DB
     assert np.isfinite(codec.quantizer.embed.numpy()).all()
