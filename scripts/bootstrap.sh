@@ -39,7 +39,8 @@ install_python() {
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   # torch is pinned: an unpinned torch pulls several GB of CUDA packages.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[export,dev,gui]"
+  # constraints.txt pins every package at the versions the measurements were made with.
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[export,dev,gui]"
   # Compile the output-safety DSP now (numba caches it on disk), not during the first `cicada play`.
   .venv/bin/python -c "from engine.post import OutputSafety; OutputSafety(48000, 2); import engine.sampling as s; s.warmup()"
 }
