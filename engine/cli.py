@@ -515,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "that it renders an LM's less certain codes as their family (default 0)")
     p.add_argument("--focus", type=_prompt_numbers, default=None, metavar="N,N,...",
                    help="prompt numbers (1-based, as in prompts.txt) to draw more often: the families the codec "
-                        "renders worst (`cicada eval` prints them); with --focus-weight (default 2,16: the FM hum "
-                        "and the sci-fi sizzle; --focus '' draws every prompt equally)")
+                        "renders worst (`cicada eval` prints them); with --focus-weight (default 2,16,3: the FM hum, "
+                        "the sci-fi sizzle and the deep rumble; --focus '' draws every prompt equally)")
     p.add_argument("--focus-weight", type=_positive(float), default=None,
                    help="how many times as often the --focus prompts are drawn (default 4; 1 draws all equally)")
     p.add_argument("--flux-weight", type=_nonnegative, default=None,
@@ -531,15 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase-lock", type=_phase_lock, default=None, metavar="N",
                    help="lock every bin's phase to the loudest bin within N bins (identity phase locking, as "
                         "phase vocoders do), so the bins of one partial turn together and a steady tone stays "
-                        "steady; 0 lets every bin keep its own phase (default 0)")
-    p.add_argument("--magnitude-gate", action="store_true", default=None,
+                        "steady; 0 lets every bin keep its own phase (default 3)")
+    p.add_argument("--magnitude-gate", action=argparse.BooleanOptionalAction, default=None,
                    help="give the decoder a learned per-bin gate that holds part of each bin's last magnitude, "
                         "so a steady sound can come out steady while attacks pass (a new head, started almost "
-                        "shut)")
-    p.add_argument("--learned-lock", action="store_true", default=None,
+                        "shut; on by default)")
+    p.add_argument("--learned-lock", action=argparse.BooleanOptionalAction, default=None,
                    help="with --phase-lock: let the decoder learn, bin by bin, how far each phase follows its "
                         "peak's, so a hum's partials lock while noise keeps its own phases (a new head, "
-                        "started almost fully locked)")
+                        "started almost fully locked; on by default, and off with --phase-lock 0)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("pack", help="export the trained codec and LM as a pack")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")

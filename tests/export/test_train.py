@@ -515,7 +515,9 @@ def test_cli_train_all_runs_the_shipped_recipe(tmp_path: Path, monkeypatch: pyte
     by = dict(calls)
     assert by["decoder"]["out"] == runs / "decoder" and by["decoder"]["codec_checkpoint"] == runs / "codec" / train.CHECKPOINT
     assert by["decoder"]["cfg"].seed == 3 and by["decoder"]["cfg"].flux_weight == 3.0
-    assert tuple(by["decoder"]["cfg"].focus) == (2, 16) and by["decoder"]["cfg"].focus_weight == 4.0
+    assert tuple(by["decoder"]["cfg"].focus) == (2, 16, 3) and by["decoder"]["cfg"].focus_weight == 4.0
+    assert by["decoder"]["cfg"].phase_lock == 3 and by["decoder"]["cfg"].magnitude_gate
+    assert by["decoder"]["cfg"].learned_lock  # the shipped decoder's options, in one fine-tune
     assert by["pack"]["decoder_checkpoint"] == runs / "decoder" / train.CHECKPOINT
     assert by["pack"]["lm_checkpoint"] == runs / "lm" / train.CHECKPOINT
     assert "decoder: step 1" in capsys.readouterr().out
@@ -533,7 +535,7 @@ def test_decoder_fine_tuning_keeps_the_tokens_and_packs(runs: Path, tmp_path: Pa
     cfg = train.DecoderTrainConfig(steps=3, batch=2, segment=0.1, warmup=1)
     rec = train.train_decoder(tmp_path / "dec", cfg, codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
     assert rec["step"] == 3 and set(rec["losses"]) == {"magnitude", "phase", "ipd", "spectral", "wave",
-                                                              "band", "flux", "envelope"}
+                                                              "band", "flux", "envelope", "lock"}
     base, _ = train.load_codec(codec_ckpt)
     tuned, record = train.load_codec(codec_ckpt, tmp_path / "dec" / train.CHECKPOINT)
     assert record["decoder"]["step"] == 3
@@ -682,7 +684,8 @@ def test_a_packs_decoder_fine_tunes_and_replaces_only_the_decoder(base_pack: Pat
     # a second fine-tune of the result keeps the first one's record inside its own; its learned lock needs
     # the lock it learned on
     with pytest.raises(train.TrainError, match="has a learned lock"):
-        train.train_decoder(tmp_path / "dec2", train.DecoderTrainConfig(steps=1, batch=1, segment=0.1, warmup=1),
+        train.train_decoder(tmp_path / "dec2", train.DecoderTrainConfig(steps=1, batch=1, segment=0.1, warmup=1,
+                                                                        phase_lock=0, learned_lock=False),
                             codec_checkpoint=out, device="cpu", quiet=True)
     again = train.train_decoder(tmp_path / "dec2", train.DecoderTrainConfig(steps=1, batch=1, segment=0.1, warmup=1,
                                                                             phase_lock=2),
