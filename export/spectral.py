@@ -318,16 +318,10 @@ class SpectralDecoder(nn.Module):
         both channels and offsets ``+d/2`` / ``-d/2``; otherwise the offset is 0.
         """
         cfg = self.cfg
-        b, _, f = z.shape
-        out = self.net(z)
-        rows = cfg.heads * cfg.channels * cfg.bins
-        h = out[:, :rows].reshape(b, cfg.heads, cfg.channels, cfg.bins, f).permute(1, 0, 2, 4, 3)
+        h, share = split_outputs(self.net(z), cfg)
         log_mag = log_magnitude(h[0], cfg.n_fft)
         if cfg.magnitude_gate:
             log_mag = gated_magnitudes(log_mag, h[2], detach=True)
-        share = None
-        if cfg.learned_lock:
-            share = lock_share(out[:, rows:].reshape(b, cfg.lock_channels, cfg.bins, f).transpose(2, 3), cfg.channels)
         return (log_mag, *phase_channels(h[1], self.odd, cfg.linked), share)
 
     def synthesize(self, log_mag: torch.Tensor, advance: torch.Tensor, offset: torch.Tensor | None = None,
@@ -359,6 +353,17 @@ class SpectralDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.synthesize(*self.spectrum(z))
+
+
+def split_outputs(out: torch.Tensor, cfg: SpectralCodecConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The decoder network's output ``[B, decoder_outputs, F]`` -> its heads ``[heads, B, C, F, N]`` (log
+    magnitude, phase[, gate]) and the learned lock's shares ``[B, C, F, N]`` (None without ``learned_lock``)."""
+    b, _, f = out.shape
+    rows = cfg.heads * cfg.channels * cfg.bins
+    h = out[:, :rows].reshape(b, cfg.heads, cfg.channels, cfg.bins, f).permute(1, 0, 2, 4, 3)
+    if not cfg.learned_lock:
+        return h, None
+    return h, lock_share(out[:, rows:].reshape(b, cfg.lock_channels, cfg.bins, f).transpose(2, 3), cfg.channels)
 
 
 def frame_targets(decoder: SpectralDecoder, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -716,8 +721,8 @@ class SpectralCodec(nn.Module):
             return
         if not self.cfg.phase_lock:
             raise ValueError("a learned lock needs phase locking: set the phase lock (climbs >= 1) first")
-        self._add_head(LOCK_BIAS, (1 if self.cfg.linked else self.cfg.channels) * self.cfg.bins)
         self._reconfigure(learned_lock=True)
+        self._add_head(LOCK_BIAS, self.cfg.lock_channels * self.cfg.bins)
 
     def _add_head(self, bias: float, rows: int | None = None) -> None:
         """Grow the decoder's output conv by ``rows`` (default one head, ``C * N``) whose weights are zero and
@@ -812,9 +817,9 @@ class StreamingSpectralDecoder(CodesStepGraph):
         for block, cache in zip(self.blocks, state_in[: len(self.blocks)]):
             h, cache = block(h, cache)
             new_state.append(cache)
-        full = self.out(h)[0]  # [heads * C * N + lock_channels * N, F]
-        c, n, f = cfg.channels, cfg.bins, self.frames
-        out = full[: cfg.heads * c * n].reshape(cfg.heads, c, n, f).transpose(2, 3)  # [heads, C, F, N]
+        heads, share = split_outputs(self.out(h), cfg)  # [heads, 1, C, F, N], [1, C, F, N] or None
+        out = heads[:, 0]  # [heads, C, F, N]
+        c, f = cfg.channels, self.frames
         log_mag = log_magnitude(out[0], cfg.n_fft)
         if cfg.magnitude_gate:
             log_mag = gated_magnitudes(log_mag[None], out[2][None], state_in[-3])[0]
@@ -823,9 +828,6 @@ class StreamingSpectralDecoder(CodesStepGraph):
         adv, offset = phase_channels(out[1], self.odd, cfg.linked)
         if cfg.phase_lock:
             ref = lock_reference(mag, cfg.linked)
-            share = None
-            if cfg.learned_lock:
-                share = lock_share(full[cfg.heads * c * n:].reshape(cfg.lock_channels, n, f).transpose(1, 2), c)[None]
             phase = locked_phases(adv[None], ref[None], self.start, cfg.phase_lock, state_in[-2], share=share)[0]
         else:
             phase = state_in[-2][0][:, None] + torch.cumsum(adv, dim=1)  # [C, F, N]
