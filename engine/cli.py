@@ -499,8 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-dropout", type=_fraction, default=None,
                    help="train this fraction of sequences without their prompt, for guidance (default 0.1)")
     p.add_argument("--init", type=Path, default=None,
-                   help="start a fresh run from this LM checkpoint's weights (e.g. the LM of the codec before "
-                        "`cicada train codebooks`), with a new optimizer and schedule")
+                   help="start a fresh run from this LM checkpoint's weights, or a pack folder's LM (e.g. the LM "
+                        "of the codec before `cicada train codebooks`, or packs/default), with a new optimizer "
+                        "and schedule")
+    p.add_argument("--focus", type=_prompt_numbers, default=None, metavar="N,N,...",
+                   help="prompt numbers (1-based, as in prompts.txt) to draw more often: the prompts whose clips "
+                        "`cicada eval` hears as another; with --focus-weight (default: none, every prompt equally)")
+    p.add_argument("--focus-weight", type=_positive(float), default=None,
+                   help="how many times as often the --focus prompts are drawn (default 1)")
     p.add_argument("--text-input", action=argparse.BooleanOptionalAction, default=None,
                    help="add the pooled prompt to every frame's input, besides cross-attention (default on)")
     p.set_defaults(func=_cmd_train)

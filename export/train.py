@@ -211,6 +211,8 @@ class LMTrainConfig:
     hysteresis: float = 0.0  # the quantiser's code hysteresis when encoding the corpus (ResidualVQ.encode;
     # 0.15 steadied the codes but did not raise text match: docs/training.md, "Held codes")
     text_len: int = 24
+    focus: tuple[int, ...] = ()  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as often
+    focus_weight: float = 1.0  # (prompt_weights): for a fine-tune (--init) on the prompts the LM confuses
     lm: dict[str, Any] = field(
         default_factory=lambda: dict(dim=256, layers=8, heads=8, ffn_dim=1024, positions="rotary",
                                      text_input=True)
@@ -1010,10 +1012,18 @@ def reword(text: str, rng: np.random.Generator) -> str:
 
 
 def lm_batch(
-    codes: np.ndarray, labels: np.ndarray, prompts: list[str], cfg: LMTrainConfig, rng: np.random.Generator
+    codes: np.ndarray, labels: np.ndarray, prompts: list[str], cfg: LMTrainConfig, rng: np.random.Generator,
+    weights: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Random crops ``[B, K, frames]`` of the corpus and their (possibly reworded, or empty) prompts."""
-    pick = rng.integers(0, len(codes), cfg.batch)
+    """Random crops ``[B, K, frames]`` of the corpus and their (possibly reworded, or empty) prompts.
+
+    ``weights [P]`` (:func:`prompt_weights`) is each prompt's share of the crops; None draws every clip
+    equally (as the corpus has the same number of clips of each prompt, every prompt too)."""
+    if weights is None:
+        pick = rng.integers(0, len(codes), cfg.batch)
+    else:
+        per_clip = weights[labels] / np.bincount(labels, minlength=len(weights))[labels]
+        pick = rng.choice(len(codes), cfg.batch, p=per_clip / per_clip.sum())
     starts = rng.integers(0, codes.shape[-1] - cfg.frames + 1, cfg.batch)
     crop = np.stack([codes[p, :, s : s + cfg.frames] for p, s in zip(pick, starts)]).astype(np.int64)
     texts = []
@@ -1099,10 +1109,12 @@ def train_lm(
     """Train (or resume) the LM and text encoder on the codec's tokens; returns the record.
 
     ``codec_checkpoint`` is a ``cicada train codec`` checkpoint or a pack folder, whose ``encoder.onnx``
-    then makes the tokens (:func:`token_source`). ``init``, an LM checkpoint, starts a new run from its
-    weights (same shapes and tokenizer), with a fresh optimizer and schedule: after ``cicada train
-    codebooks``, whose codes keep roughly their old meaning, the old LM learns the new ones in far fewer
-    steps than from scratch. A run being resumed ignores it.
+    then makes the tokens (:func:`token_source`). ``init``, an LM checkpoint or a pack folder (whose LM is
+    read back from its graphs, :func:`export.unpack.lm_from_pack`), starts a new run from its weights (same
+    shapes and tokenizer), with a fresh optimizer and schedule: after ``cicada train codebooks``, whose
+    codes keep roughly their old meaning, the old LM learns the new ones in far fewer steps than from
+    scratch; with ``cfg.focus``, a shipped LM learns the prompts it confuses without forgetting the others.
+    A run being resumed ignores it.
     """
     out = Path(out)
     ckpt_path = out / CHECKPOINT
@@ -1131,6 +1143,11 @@ def train_lm(
     if codes.shape[-1] < cfg.frames:
         raise TrainError(f"corpus clips have {codes.shape[-1]} frames, fewer than --frames {cfg.frames}")
 
+    weights = prompt_weights(cfg.focus, cfg.focus_weight, len(prompts))
+    source = None
+    if state is None and init is not None:
+        source = _lm_source(init)
+        cfg = _sized_like(cfg, *source[:2])
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
     tok = WordTokenizer.build(prompts, length=cfg.text_len)
@@ -1144,8 +1161,8 @@ def train_lm(
                             lr=cfg.lr, betas=(0.9, 0.95))
     loop = Loop("lm")
     init_record = None
-    if state is None and init is not None:
-        init_record = _init_lm(lm, text, tok, init)
+    if source is not None:
+        init_record = _init_lm(lm, text, tok, source, init)
     if state is not None:
         lm.load_state_dict(state["lm"])
         text.load_state_dict(state["text"])
@@ -1168,7 +1185,7 @@ def train_lm(
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11, step]))
-        batch, texts = lm_batch(codes, labels, prompts, cfg, rng)
+        batch, texts = lm_batch(codes, labels, prompts, cfg, rng, weights)
         loss, per_book = lm_loss(lm, text, tok, batch.to(dev), texts, window=cfg.context, noise=cfg.context_noise,
                                  rng=rng, self_feed=cfg.self_feed)
         return loss, dict(ce=float(loss.detach()), **{f"ce{k}": v for k, v in enumerate(per_book)})
@@ -1177,10 +1194,34 @@ def train_lm(
     return record
 
 
-def _init_lm(lm: LM, text: TextEncoder, tok: WordTokenizer, path: str | Path) -> dict[str, Any]:
-    """Copy the weights of the LM checkpoint ``path`` into ``lm`` and ``text``; returns what the record says
-    about it. Shapes and tokenizer must match (the same recipe)."""
-    old_lm, old_text, old_tok, old_record = load_lm(path)
+def _lm_source(path: str | Path) -> tuple[LM, TextEncoder, WordTokenizer, dict[str, Any]]:
+    """The LM, text encoder, tokenizer and record that ``--init`` names: an LM checkpoint, or a pack folder
+    whose LM is read back from its graphs (:func:`export.unpack.lm_from_pack`)."""
+    if not is_pack(path):
+        return load_lm(path)
+    from engine import pack as packfmt
+    from export.unpack import UnpackError, lm_from_pack
+
+    try:
+        return lm_from_pack(packfmt.load(path))
+    except (packfmt.PackError, UnpackError) as exc:
+        raise TrainError(f"--init {path}: {exc}") from None
+
+
+def _sized_like(cfg: LMTrainConfig, lm: LM, text: TextEncoder) -> LMTrainConfig:
+    """``cfg`` with the model sizes of the LM and text encoder a run starts from (``--init``): a fine-tune
+    keeps its model's shape whatever the defaults say."""
+    skip = {"n_codebooks", "card"}
+    sizes = {k: v for k, v in dataclasses.asdict(lm.cfg).items() if k not in skip}
+    text_sizes = {k: v for k, v in dataclasses.asdict(text.cfg).items() if k not in ("vocab_size", "max_len")}
+    return dataclasses.replace(cfg, lm=sizes, text=text_sizes, text_len=text.cfg.max_len)
+
+
+def _init_lm(lm: LM, text: TextEncoder, tok: WordTokenizer,
+             source: tuple[LM, TextEncoder, WordTokenizer, dict[str, Any]], path: str | Path) -> dict[str, Any]:
+    """Copy the weights of ``source`` (:func:`_lm_source` of ``path``) into ``lm`` and ``text``; returns what
+    the record says about it. Shapes and tokenizer must match (the same prompt list)."""
+    old_lm, old_text, old_tok, old_record = source
     if old_tok.tokenizer.to_str() != tok.tokenizer.to_str():
         raise TrainError(f"--init {path}: its tokenizer differs from this run's (another prompt list); "
                          "train the LM from scratch instead")
@@ -1191,8 +1232,8 @@ def _init_lm(lm: LM, text: TextEncoder, tok: WordTokenizer, path: str | Path) ->
             raise TrainError(f"--init {path}: its {name} has another shape than this run's "
                              f"({(bad or sorted(set(theirs) - set(mine)))[0]}); pass the same model sizes")
         dst.load_state_dict(theirs)
-    return dict(checkpoint=str(path), step=old_record.get("step"), command=old_record.get("command"),
-                codec_digest=old_record.get("codec_digest"))
+    return dict(**{"pack" if is_pack(path) else "checkpoint": str(path)}, step=old_record.get("step"),
+                command=old_record.get("command"), codec_digest=old_record.get("codec_digest"))
 
 
 def load_lm(path: str | Path) -> tuple[LM, TextEncoder, WordTokenizer, dict[str, Any]]:
@@ -1412,7 +1453,7 @@ def run_cli(args: Any) -> int:
         out = args.runs / "lm" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips", "hysteresis", "context_noise",
-                                                   "cfg_dropout", "self_feed"))
+                                                   "cfg_dropout", "self_feed", "focus", "focus_weight"))
         if getattr(args, "text_input", None) is not None:
             cfg.lm["text_input"] = args.text_input
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command,

@@ -194,3 +194,276 @@ def check_codec(codec: SpectralCodec, pack: Any, seconds: float = 2.0, seed: int
                           f"{result['codes_equal']:.1%}, audio error {result['audio_error']:.2e} of the peak, "
                           f"{mel:.3f} dB log-mel); use the codec's checkpoint instead")
     return result
+
+
+# --------------------------------------------------------------------------- the LM side
+
+
+def _graph_weights(path: Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """A graph's matrix weights in node order, and its named initializers and constants.
+
+    Returns ``([W [in, out] float32 for each MatMul / MatMulInteger whose second input is a weight],
+    {name: array})``. An int8 weight (``quantize_dynamic``'s ``X_quantized`` with ``X_scale`` and
+    ``X_zero_point``) comes back dequantized, ``(q - zero_point) * scale``: the values the graph computes
+    with. A float16-stored weight comes back under its float32 name (:func:`_initializers`).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inits = _initializers(path)
+    graph = onnx.load(str(path)).graph
+    for node in graph.node:  # the exporter leaves some buffers as Constant nodes (ORT's optimiser folds them)
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    weights = []
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            weights.append(np.asarray(inits[node.input[1]], np.float32))
+        elif node.op_type == "MatMulInteger" and node.input[1] in inits:
+            base = node.input[1].removesuffix("_quantized")
+            q = inits[node.input[1]].astype(np.int32)
+            zero = inits.get(f"{base}_zero_point", np.zeros((), np.int32)).astype(np.int32)
+            weights.append(((q - zero) * inits[f"{base}_scale"]).astype(np.float32))
+    return weights, inits
+
+
+def _take(weights: list[np.ndarray], shape: tuple[int, int], what: str, where: Path) -> torch.Tensor:
+    """The next matrix weight ``[in, out]``, as a torch ``nn.Linear`` weight ``[out, in]``."""
+    if not weights:
+        raise UnpackError(f"{where}: the graph has fewer matrix weights than the manifest's model needs "
+                          f"(none left for {what}); it was not exported by this version of `cicada train pack`")
+    w = weights.pop(0)
+    if w.shape != shape:
+        raise UnpackError(f"{where}: {what} should be {list(shape)} in the graph, found {list(w.shape)}; the graph "
+                          "does not match the manifest's [training.lm] / [training.text_encoder]")
+    return torch.from_numpy(np.ascontiguousarray(w.T))
+
+
+def lm_from_pack(pack: Any, check: bool = True) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The pack's LM, text encoder and tokenizer back in PyTorch (eval mode), and the LM's training record.
+
+    ``pack`` is an :class:`engine.pack.Pack` made by ``cicada train pack``; its manifest's
+    ``[training.lm]`` and ``[training.text_encoder]`` give the shapes. So ``cicada train lm --init PACK``
+    fine-tunes a shipped LM without its ``out/`` checkpoint. The weights come back as the graphs compute
+    with them: an int8 LM's matrices dequantized (a fine-tune starts within rounding of the pack), the
+    conditioner's float16 ones as float32.
+
+    Where the weights are (``L`` layers, in node order)::
+
+        lm.onnx           Gather table [K * (card + 1), D]     the K code embeddings, stacked
+                          MatMul(Integer) weights [in, out]:   text_in (if text_input), then per layer
+                            [Wq * Dh^-0.5 ; Wk ; Wv]  self_attn out_proj  cross q * Dh^-0.5  cross out_proj
+                            fc1  fc2, then the K heads stacked [D, K * card]
+                          lm.layers.i.*_norm, lm.norm          by name
+        conditioner.onnx  text_encoder.tok.weight, text_encoder.*.bias, *_norm  by name
+                          Add constant [Tc, D]                 the positions text_encoder.pos[:Tc]
+                          MatMul weights: per text layer q k v out fc1 fc2, then cross k, v per LM layer
+
+    With ``check`` (the default) the result is compared with the pack's graphs first
+    (:func:`check_lm`), and a pack they disagree on is refused.
+    """
+    from export.conditioner import TextEncoder, TextEncoderConfig, WordTokenizer
+    from export.lm import LM, LMConfig
+
+    where = pack.path
+    training = pack.info.get("training", {})
+    if "lm" not in training or "text_encoder" not in training:
+        raise UnpackError(f"{where}: its manifest has no [training.lm] and [training.text_encoder] tables, so its "
+                          "LM cannot be read back; only packs made by `cicada train pack` can (pass an LM "
+                          "checkpoint from `cicada train lm` instead)")
+    try:
+        cfg = LMConfig(**training["lm"])
+        tcfg = TextEncoderConfig(**training["text_encoder"])
+    except (TypeError, ValueError) as exc:
+        raise UnpackError(f"{where}: [training.lm] / [training.text_encoder] is not a model config this version "
+                          f"knows ({exc})") from None
+    if cfg.bias or not cfg.cross_attention:
+        raise UnpackError(f"{where}: only LMs with cross-attention and no biases (cicada's recipe) can be read "
+                          "back from a pack; pass the LM's checkpoint instead")
+    lm, text = LM(cfg), TextEncoder(tcfg)
+    d, dh, f, k, card = cfg.dim, cfg.head_dim, cfg.ffn_dim, cfg.n_codebooks, cfg.card
+    unscale = dh**0.5
+    state: dict[str, torch.Tensor] = {}
+
+    weights, inits = _graph_weights(pack.lm.file)
+    w = pack.lm.file
+    table = [v for n, v in inits.items() if v.shape == (k * (card + 1), d)]
+    if len(table) != 1:
+        raise UnpackError(f"{w}: expected one embedding table [{k * (card + 1)}, {d}], found {len(table)}")
+    for i, emb in enumerate(np.split(table[0], k)):
+        state[f"emb.{i}.weight"] = torch.from_numpy(np.array(emb, np.float32))
+    if cfg.text_input:
+        state["text_in.weight"] = _take(weights, (d, d), "text_in", w)
+    for i in range(cfg.layers):
+        p = f"layers.{i}."
+        q, kk, v = _take(weights, (d, 3 * d), f"layer {i}'s q, k, v", w).split(d)
+        state.update({f"{p}self_attn.q_proj.weight": q * unscale, f"{p}self_attn.k_proj.weight": kk,
+                      f"{p}self_attn.v_proj.weight": v})
+        state[f"{p}self_attn.out_proj.weight"] = _take(weights, (d, d), f"layer {i}'s out_proj", w)
+        state[f"{p}cross_attn.q_proj.weight"] = _take(weights, (d, d), f"layer {i}'s cross q", w) * unscale
+        state[f"{p}cross_attn.out_proj.weight"] = _take(weights, (d, d), f"layer {i}'s cross out_proj", w)
+        state[f"{p}fc1.weight"] = _take(weights, (d, f), f"layer {i}'s fc1", w)
+        state[f"{p}fc2.weight"] = _take(weights, (f, d), f"layer {i}'s fc2", w)
+    for i, head in enumerate(_take(weights, (d, k * card), "the heads", w).split(card)):
+        state[f"heads.{i}.weight"] = head
+    if weights:
+        raise UnpackError(f"{w}: {len(weights)} matrix weights more than the manifest's LM has")
+
+    cweights, cinits = _graph_weights(pack.conditioner.file)
+    c = pack.conditioner.file
+    tstate: dict[str, torch.Tensor] = {}
+    for name, value in cinits.items():
+        if name.startswith("text_encoder."):
+            tstate[name.removeprefix("text_encoder.")] = torch.from_numpy(np.array(value, np.float32))
+    tc = int(pack.conditioner["max_tokens"])
+    pos = [v for n, v in cinits.items() if n.startswith("onnx::Add_") and v.shape == (tc, tcfg.dim)]
+    if len(pos) != 1 or tc > tcfg.max_len:
+        raise UnpackError(f"{c}: expected one position table [{tc}, {tcfg.dim}] (at most max_len "
+                          f"{tcfg.max_len} rows), found {len(pos)}")
+    positions = text.pos.detach().clone()
+    positions[:tc] = torch.from_numpy(np.array(pos[0], np.float32))
+    tstate["pos"] = positions
+    for i in range(tcfg.layers):
+        p = f"layers.{i}."
+        for name, shape in (("attn.q_proj", (tcfg.dim, tcfg.dim)), ("attn.k_proj", (tcfg.dim, tcfg.dim)),
+                            ("attn.v_proj", (tcfg.dim, tcfg.dim)), ("attn.out_proj", (tcfg.dim, tcfg.dim)),
+                            ("fc1", (tcfg.dim, tcfg.ffn_dim)), ("fc2", (tcfg.ffn_dim, tcfg.dim))):
+            tstate[f"{p}{name}.weight"] = _take(cweights, shape, f"text layer {i}'s {name}", c)
+    for i in range(cfg.layers):
+        for name in ("k_proj", "v_proj"):
+            state[f"layers.{i}.cross_attn.{name}.weight"] = _take(cweights, (int(cfg.cross_dim), d),
+                                                                   f"layer {i}'s cross {name}", c)
+    if cweights:
+        raise UnpackError(f"{c}: {len(cweights)} matrix weights more than the manifest's text encoder has")
+
+    for name, value in inits.items():
+        if name.startswith("lm."):
+            state[name.removeprefix("lm.")] = torch.from_numpy(np.array(value, np.float32))
+    for model, found, graph in ((lm, state, w), (text, tstate, c)):
+        mine = model.state_dict()
+        missing = sorted(set(mine) - set(found))
+        extra = sorted(set(found) - set(mine))
+        if missing or extra:
+            raise UnpackError(f"{graph}: the graph's weights do not fit the manifest's model "
+                              f"({'no ' + missing[0] if missing else 'unknown ' + extra[0]}); it was not exported by "
+                              "this version of `cicada train pack`")
+        try:
+            model.load_state_dict({n: v.reshape(mine[n].shape) for n, v in found.items()})
+        except RuntimeError as exc:
+            raise UnpackError(f"{graph}: its weights do not fit the manifest's model ({exc})") from None
+    lm.eval()
+    text.eval()
+    tok = WordTokenizer.load(pack.tokenizer)
+    if check:
+        check_lm(lm, text, tok, pack)
+    record = dict(training.get("lm_training", {}))
+    return lm, text, tok, record
+
+
+LM_TOLERANCE = 1e-4
+"""How far (RMS, relative to the logits' RMS) an LM read back from a pack may score from its graph (an int8
+graph's float twin, :func:`_float_twin`). Float rounding stays near 1e-6; a weight in the wrong place scores
+above 1e-1."""
+
+
+def _float_twin(path: Path) -> bytes:
+    """``path``'s graph with each int8 matrix product made a float one over the dequantized weight.
+
+    ``quantize_dynamic`` turns ``y = MatMul(x, W)`` into ``DynamicQuantizeLinear(x)``, ``MatMulInteger`` with
+    the int8 weight, ``Cast`` and ``Mul`` by the two scales; the twin computes ``MatMul(x, (q - zero) *
+    scale)`` instead (the rest of the chain is left unused). Its output is what the weights read back give
+    in float arithmetic, so a read-back can be checked to float rounding. The int8 graph itself is not a
+    tight reference: its activations are quantized as it runs, and on CPUs without VNNI ONNX Runtime's
+    u8 x s8 kernel saturates some pairs of products (0.6 % RMS per product here, 15 % of a tiny LM's logits).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+    used_by: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            used_by.setdefault(name, []).append(node)
+    for node in list(graph.node):
+        if node.op_type != "MatMulInteger" or node.input[1] not in inits:
+            continue
+        quant = made_by.get(node.input[0])
+        cast = (used_by.get(node.output[0]) or [None])[0]
+        scale = (used_by.get(cast.output[0]) or [None])[0] if cast is not None else None
+        if quant is None or quant.op_type != "DynamicQuantizeLinear" or scale is None or scale.op_type != "Mul":
+            raise UnpackError(f"{path}: an int8 product ({node.name}) is not quantize_dynamic's chain; the graph "
+                              "was not exported by this version of `cicada train pack`")
+        base = node.input[1].removesuffix("_quantized")
+        q = inits[node.input[1]].astype(np.int32)
+        zero = inits.get(f"{base}_zero_point", np.zeros((), np.int32)).astype(np.int32)
+        weight = numpy_helper.from_array(((q - zero) * inits[f"{base}_scale"]).astype(np.float32), f"{base}_float")
+        graph.initializer.append(weight)
+        at = list(graph.node).index(scale)
+        graph.node.insert(at, helper.make_node("MatMul", [quant.input[0], weight.name], [scale.output[0]],
+                                               name=f"{node.name}_float"))
+        for gone in (node, cast, scale):
+            graph.node.remove(gone)
+    return model.SerializeToString()
+
+
+def check_lm(lm: Any, text: Any, tok: Any, pack: Any, frames: int = 24, seed: int = 0) -> dict[str, float]:
+    """Compare an LM and text encoder read back from ``pack`` with its graphs; returns the errors.
+
+    The conditioner graph and the text encoder get each known prompt; the LM step graph (an int8 one as its
+    float twin, :func:`_float_twin`) and the torch step (:class:`export.lm.LMStep`) get the same ``frames`` random code columns under the first prompt.
+    Returns ``{"cross_error": largest difference of cross_k / cross_v relative to their peak, "logit_error":
+    RMS difference of the logits relative to their RMS, "top1_equal": fraction of equal argmaxes}`` and
+    raises :class:`UnpackError` when the cross keys differ by more than 1e-3 or the logits by more than
+    :data:`LM_TOLERANCE`. An int8 graph's activation quantization is computed in torch too.
+    """
+    from export.conditioner import ConditionerGraph
+    from export.lm import LMStep, additive_mask, ring_step_through
+    from export.onnx import ort_session
+
+    tc = int(pack.conditioner["max_tokens"])
+    cond = ConditionerGraph(text, lm, text_len=tc).eval()
+    csess = ort_session(pack.conditioner.file)
+    cross_err = 0.0
+    first = None
+    for prompt in pack.prompts:
+        tokens, valid = tok(prompt)
+        if tokens.shape[1] != tc:
+            raise UnpackError(f"{pack.tokenizer}: pads prompts to {tokens.shape[1]} tokens, but the conditioner "
+                              f"takes {tc} (conditioner.max_tokens)")
+        theirs = csess.run(None, {"text_tokens": tokens.numpy(), "text_mask": valid.numpy()})
+        with torch.no_grad():
+            ours = [t.numpy() for t in cond(tokens, valid)]
+        for a, b in zip(theirs, ours):
+            cross_err = max(cross_err, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-6)))
+        if first is None:
+            first = (torch.from_numpy(theirs[0]), torch.from_numpy(theirs[1]), valid)
+    batch = int(pack.lm["batch"])
+    step = LMStep(lm, batch=batch, context=int(pack.lm["context"]), text_len=tc).eval()
+    ck, cv, valid = first
+    ck, cv = ck.expand(-1, batch, -1, -1, -1).contiguous(), cv.expand(-1, batch, -1, -1, -1).contiguous()
+    cmask = additive_mask(valid.expand(batch, -1))
+    rng = np.random.default_rng(seed)
+    codes = torch.from_numpy(rng.integers(0, lm.cfg.card, (batch, lm.cfg.n_codebooks, frames)))
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    lsess = ort.InferenceSession(_float_twin(pack.lm.file), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in lsess.get_inputs()]
+
+    def run(args: list[torch.Tensor]) -> list[np.ndarray]:
+        return lsess.run(None, {n: a.numpy() for n, a in zip(step.spec.input_names, args) if n in names})
+
+    theirs = ring_step_through(step, codes, ck, cv, cmask, run=run)
+    ours = ring_step_through(step, codes, ck, cv, cmask)
+    logit_err = float((theirs - ours).pow(2).mean().sqrt() / theirs.pow(2).mean().sqrt().clamp_min(1e-6))
+    top1 = float((theirs.argmax(-1) == ours.argmax(-1)).float().mean())
+    result = {"cross_error": cross_err, "logit_error": logit_err, "top1_equal": top1}
+    if cross_err > 1e-3 or logit_err > LM_TOLERANCE:
+        raise UnpackError(f"{pack.path}: the LM read back from its graphs does not match them (cross keys "
+                          f"{cross_err:.2e} of the peak apart, logits {logit_err:.3f} of their RMS); use the LM's "
+                          "checkpoint instead")
+    return result

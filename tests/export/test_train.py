@@ -795,3 +795,56 @@ def test_the_training_record_says_the_commit_and_whether_the_code_differed_from_
 
     commit = train.git_commit()
     assert commit is None or re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", commit), commit
+
+
+def test_lm_focus_draws_the_named_prompts_more_often() -> None:
+    """``LMTrainConfig.focus``: the LM's crops come from the named prompts focus_weight times as often; without
+    it the draws are those of every earlier run (the same batches from the same seed)."""
+    from export import data
+
+    labels = np.repeat(np.arange(22), 3)
+    codes = np.zeros((len(labels), 2, 10), np.int64)
+    codes[:, 0, :] = np.arange(len(labels))[:, None]  # each clip says which it is
+    cfg = train.LMTrainConfig(batch=64, frames=4, focus=(5, 7), focus_weight=3.0)
+    weights = train.prompt_weights(cfg.focus, cfg.focus_weight)
+    drawn = []
+    for seed in range(40):
+        batch, _ = train.lm_batch(codes, labels, data.prompts(), cfg, np.random.default_rng(seed), weights)
+        drawn += [int(labels[c]) for c in batch[:, 0, 0]]
+    share = np.bincount(drawn, minlength=22) / len(drawn)
+    focused, rest = share[[4, 6]].mean(), np.delete(share, [4, 6]).mean()
+    assert 2.4 < focused / rest < 3.6, (focused, rest)  # 3 expected, from 2560 crops
+    plain = train.LMTrainConfig(batch=8, frames=4)
+    a, ta = train.lm_batch(codes, labels, data.prompts(), plain, np.random.default_rng(3))
+    b, tb = train.lm_batch(codes, labels, data.prompts(), plain, np.random.default_rng(3), None)
+    assert torch.equal(a, b) and ta == tb
+
+
+def test_cli_fine_tunes_a_packs_lm(base_pack: Path, tiny_pack_dir: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`cicada train lm --codec PACK --init PACK --focus ...`: the pack's LM is read back from its graphs and
+    fine-tuned; the record says where it started; a pack without a readable LM is refused with a remedy."""
+    from engine import pack as packfmt
+    from export.unpack import lm_from_pack
+
+    lm = tmp_path / "lm"
+    assert main(["train", "lm", "--codec", str(base_pack), "--init", str(base_pack), "--corpus-clips", "1",
+                 "--steps", "1", "--batch", "2", "--threads", "1", "--focus", "5,7", "--focus-weight", "3",
+                 "--lr", "1e-9", "--out", str(lm)]) == 0
+    assert "lm: step 1" in capsys.readouterr().out
+    state = torch.load(lm / train.CHECKPOINT, weights_only=False)
+    assert tuple(state["config"]["focus"]) == (5, 7) and state["config"]["focus_weight"] == 3.0
+    init = state["record"]["init"]
+    assert init["pack"] == str(base_pack) and init["step"] == 6 and "checkpoint" not in init
+    start, _, _, _ = lm_from_pack(packfmt.load(base_pack), check=False)
+    tuned, _, _, _ = train.load_lm(lm / train.CHECKPOINT)
+    for name, value in tuned.state_dict().items():  # one step at lr 1e-9 stays where the pack's LM was
+        assert torch.allclose(value, start.state_dict()[name], atol=1e-6), name
+
+    assert main(["train", "lm", "--codec", str(base_pack), "--init", str(tiny_pack_dir), "--corpus-clips", "1",
+                 "--steps", "1", "--threads", "1", "--out", str(tmp_path / "lm2")]) == 1
+    err = capsys.readouterr().err
+    assert f"--init {tiny_pack_dir}" in err and "pass an LM checkpoint" in err and "Traceback" not in err
+    assert main(["train", "lm", "--codec", str(base_pack), "--focus", "23", "--corpus-clips", "1", "--steps", "1",
+                 "--threads", "1", "--out", str(tmp_path / "lm3")]) == 1
+    assert "numbered 1 to 22" in capsys.readouterr().err
