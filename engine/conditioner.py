@@ -1,7 +1,8 @@
 """Text -> conditioning: tokenizer + the pack's conditioner graph, once per prompt change.
 
 ``Conditioner.encode(text) -> Condition`` with ``cross_k, cross_v [L, H, Tc, Dh]``
-and an additive ``mask [Tc]`` (0 = token, float32 min = padding). These are the
+and an additive ``mask [Tc]`` (0 = token, float32 min = padding; a morph's slots
+in between, see :func:`blend`). These are the
 LM's cross-attention keys and values for the conditioned row; they depend only
 on the text, so they are computed when the prompt changes, never per step.
 
@@ -48,22 +49,37 @@ class Condition:
 
 
 def blend(a: Condition, b: Condition, weight: float) -> Condition:
-    """Morph ``a`` (weight 0) into ``b`` (weight 1).
+    """Morph ``a`` (weight 0) into ``b`` (weight 1), continuously all the way.
 
-    Keys and values are interpolated slot by slot; a padding slot contributes
-    zeros, and a slot is attended if either prompt has a token there. At 0 and 1
-    this is exactly ``a`` or ``b``.
+    Keys and values are interpolated slot by slot (a padding slot contributes
+    zeros). Each slot is attended in proportion to how much of it is there: the
+    additive mask is ``log((1 - w) exp(mask_a) + w exp(mask_b))``, so a slot both
+    prompts have a token in keeps 0, one only ``b`` has gets ``log w``, one only
+    ``a`` has ``log(1 - w)``, and padding in both stays masked::
+
+        slot        a tok  a tok  pad    pad
+                    b tok  pad    b tok  pad
+        mask        0      log(1-w)  log w  NEG
+
+    A slot only ``b`` has therefore fades in from nothing as ``w`` leaves 0,
+    instead of taking its share of the attention at once (an audible step,
+    measured in tests/engine/test_generator.py). At 0 and 1 this is exactly ``a``
+    or ``b``; a blend of blends works the same way (``exp(mask)`` is a slot's
+    presence).
     """
     w = float(min(1.0, max(0.0, weight)))
     if w <= 0.0:
         return a
     if w >= 1.0:
         return b
-    va = (a.mask == 0)[None, None, :, None]
-    vb = (b.mask == 0)[None, None, :, None]
+    pa = np.exp(np.maximum(a.mask, -80.0)) * (a.mask > NEG / 2)  # [Tc] presence of each slot, 0..1
+    pb = np.exp(np.maximum(b.mask, -80.0)) * (b.mask > NEG / 2)
+    va = (pa > 0)[None, None, :, None]
+    vb = (pb > 0)[None, None, :, None]
     k = (1 - w) * np.where(va, a.cross_k, 0) + w * np.where(vb, b.cross_k, 0)
     v = (1 - w) * np.where(va, a.cross_v, 0) + w * np.where(vb, b.cross_v, 0)
-    mask = np.where((a.mask == 0) | (b.mask == 0), 0.0, NEG).astype(np.float32)
+    present = (1 - w) * pa + w * pb
+    mask = np.where(present > 0, np.log(np.maximum(present, 1e-30)), NEG).astype(np.float32)
     return Condition(f"{a.text} ~{w:.2f}~ {b.text}", k.astype(np.float32), v.astype(np.float32), mask)
 
 

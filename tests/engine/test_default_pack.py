@@ -83,3 +83,30 @@ def test_play_defaults_render_sound(tmp_path: Path) -> None:
     assert rate == 32000 and audio.shape[1] == 2
     rms_db = 20 * np.log10(np.sqrt(np.mean(audio[rate:] ** 2)) + 1e-12)
     assert -45 < rms_db < -1 and np.abs(audio).max() <= 10 ** (-1 / 20) + 1e-4
+
+
+def test_a_prompt_morph_leaves_each_prompt_without_a_step(pack: packfmt.Pack, conditioner: Conditioner) -> None:
+    """A morph a hair away from either end predicts what that end predicts (KL of the LM's next-code
+    distributions under 0.01 nats). Before the morph weighed each slot by its presence, a prompt's extra
+    words took their share of the attention at once: 0.094 nats at w = 1e-4 from prompt 3 towards 21, and
+    0.022 at w = 1 - 1e-4 from 7 towards 1 (against 0.9 and 0.8 between the prompts)."""
+    from engine.conditioner import blend
+    from engine.lm import LMSession
+
+    lm = LMSession(pack)
+    columns = np.random.default_rng(0).integers(0, pack.codebooks.cardinality, (8, pack.codebooks.count))
+
+    def log_probs(c) -> np.ndarray:
+        lm.reset()
+        lm.set_condition(c.cross_k, c.cross_v, c.mask)
+        logits = np.stack([lm.step(col.astype(np.int64))[0].copy() for col in columns]).astype(np.float64)
+        return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+    def kl(p: np.ndarray, q: np.ndarray) -> float:
+        return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+    for i, j, w, end in ((3, 21, 1e-4, "a"), (7, 1, 1 - 1e-4, "b"), (21, 3, 1 - 1e-4, "b"), (1, 7, 1e-4, "a")):
+        a, b = conditioner.encode(pack.prompts[i - 1]), conditioner.encode(pack.prompts[j - 1])
+        la, lb, lw = log_probs(a), log_probs(b), log_probs(blend(a, b, w))
+        assert kl(la, lb) > 0.3, (i, j)  # the two prompts differ
+        assert kl(la if end == "a" else lb, lw) < 0.01, (i, j, w)
