@@ -18,7 +18,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,25 @@ def max_abs_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> 
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
 
 
+class _DropHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing before quantization")
+
+
+@contextlib.contextmanager
+def _without_preprocessing_hint() -> Iterator[None]:
+    """``quantize_dynamic`` logs a WARNING on the root logger asking for its shape pre-processing, which
+    :func:`quantize_int8` does its own way (it clears the shapes and optimises first); users of ``cicada
+    train pack`` should not see it."""
+    hint = _DropHint()
+    root = logging.getLogger()
+    root.addFilter(hint)
+    try:
+        yield
+    finally:
+        root.removeFilter(hint)
+
+
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Dynamic int8 quantization of the MatMul/Gemm (and LSTM) weights of ``src`` into ``dst``.
 
@@ -171,13 +190,14 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         so.optimized_model_filepath = str(basic)
         so.log_severity_level = 3
         ort.InferenceSession(str(cleared), so, providers=["CPUExecutionProvider"])
-        quantize_dynamic(
-            str(basic),
-            str(dst),
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm", "LSTM"],
-            per_channel=False,
-        )
+        with _without_preprocessing_hint():
+            quantize_dynamic(
+                str(basic),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm", "LSTM"],
+                per_channel=False,
+            )
     return dst
 
 
