@@ -1105,6 +1105,7 @@ def train_lm(
     quiet: bool = False,
     command: str | None = None,
     init: str | Path | None = None,
+    sized_like_init: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) the LM and text encoder on the codec's tokens; returns the record.
 
@@ -1114,7 +1115,8 @@ def train_lm(
     shapes and tokenizer), with a fresh optimizer and schedule: after ``cicada train codebooks``, whose
     codes keep roughly their old meaning, the old LM learns the new ones in far fewer steps than from
     scratch; with ``cfg.focus``, a shipped LM learns the prompts it confuses without forgetting the others.
-    A run being resumed ignores it.
+    A run being resumed ignores it. ``sized_like_init`` (the CLI's, which has no size options) takes the
+    model sizes from ``init``; otherwise ``cfg``'s must match them.
     """
     out = Path(out)
     ckpt_path = out / CHECKPOINT
@@ -1147,7 +1149,8 @@ def train_lm(
     source = None
     if state is None and init is not None:
         source = _lm_source(init)
-        cfg = _sized_like(cfg, *source[:2])
+        if sized_like_init:
+            cfg = _sized_like(cfg, *source[:2])
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
     tok = WordTokenizer.build(prompts, length=cfg.text_len)
@@ -1457,7 +1460,7 @@ def run_cli(args: Any) -> int:
         if getattr(args, "text_input", None) is not None:
             cfg.lm["text_input"] = args.text_input
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command,
-                       init=getattr(args, "init", None))
+                       init=getattr(args, "init", None), sized_like_init=True)
         print(f"lm: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
     decoder = getattr(args, "decoder", None)
