@@ -63,7 +63,7 @@ def blend(a: Condition, b: Condition, weight: float) -> Condition:
 
     A slot only ``b`` has therefore fades in from nothing as ``w`` leaves 0,
     instead of taking its share of the attention at once (an audible step,
-    measured in tests/engine/test_generator.py). At 0 and 1 this is exactly ``a``
+    measured in tests/engine/test_default_pack.py). At 0 and 1 this is exactly ``a``
     or ``b``; a blend of blends works the same way (``exp(mask)`` is a slot's
     presence).
     """

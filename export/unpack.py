@@ -42,10 +42,16 @@ class UnpackError(Exception):
 def _initializers(path: Path) -> dict[str, np.ndarray]:
     """``name -> float32 array`` of a graph's initializers, with the ``__f16`` suffix dropped."""
     import onnx
+
+    return _graph_initializers(onnx.load(str(path)).graph)
+
+
+def _graph_initializers(graph: Any) -> dict[str, np.ndarray]:
+    """:func:`_initializers` of a loaded ``onnx.GraphProto``."""
     from onnx import numpy_helper
 
     out = {}
-    for init in onnx.load(str(path)).graph.initializer:
+    for init in graph.initializer:
         name = init.name[: -len("__f16")] if init.name.endswith("__f16") else init.name
         out[name] = numpy_helper.to_array(init)
     return out
@@ -210,8 +216,8 @@ def _graph_weights(path: Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]
     import onnx
     from onnx import numpy_helper
 
-    inits = _initializers(path)
     graph = onnx.load(str(path)).graph
+    inits = _graph_initializers(graph)
     for node in graph.node:  # the exporter leaves some buffers as Constant nodes (ORT's optimiser folds them)
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -220,11 +226,16 @@ def _graph_weights(path: Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]
         if node.op_type == "MatMul" and node.input[1] in inits:
             weights.append(np.asarray(inits[node.input[1]], np.float32))
         elif node.op_type == "MatMulInteger" and node.input[1] in inits:
-            base = node.input[1].removesuffix("_quantized")
-            q = inits[node.input[1]].astype(np.int32)
-            zero = inits.get(f"{base}_zero_point", np.zeros((), np.int32)).astype(np.int32)
-            weights.append(((q - zero) * inits[f"{base}_scale"]).astype(np.float32))
+            weights.append(_dequantized(inits, node.input[1]))
     return weights, inits
+
+
+def _dequantized(inits: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """``quantize_dynamic``'s int8 weight ``X_quantized`` as float32: ``(q - X_zero_point) * X_scale``."""
+    base = name.removesuffix("_quantized")
+    q = inits[name].astype(np.int32)
+    zero = inits.get(f"{base}_zero_point", np.zeros((), np.int32)).astype(np.int32)
+    return ((q - zero) * inits[f"{base}_scale"]).astype(np.float32)
 
 
 def _take(weights: list[np.ndarray], shape: tuple[int, int], what: str, where: Path) -> torch.Tensor:
@@ -396,10 +407,8 @@ def _float_twin(path: Path) -> bytes:
         if quant is None or quant.op_type != "DynamicQuantizeLinear" or scale is None or scale.op_type != "Mul":
             raise UnpackError(f"{path}: an int8 product ({node.name}) is not quantize_dynamic's chain; the graph "
                               "was not exported by this version of `cicada train pack`")
-        base = node.input[1].removesuffix("_quantized")
-        q = inits[node.input[1]].astype(np.int32)
-        zero = inits.get(f"{base}_zero_point", np.zeros((), np.int32)).astype(np.int32)
-        weight = numpy_helper.from_array(((q - zero) * inits[f"{base}_scale"]).astype(np.float32), f"{base}_float")
+        weight = numpy_helper.from_array(_dequantized(inits, node.input[1]),
+                                         node.input[1].removesuffix("_quantized") + "_float")
         graph.initializer.append(weight)
         at = list(graph.node).index(scale)
         graph.node.insert(at, helper.make_node("MatMul", [quant.input[0], weight.name], [scale.output[0]],
@@ -413,12 +422,14 @@ def check_lm(lm: Any, text: Any, tok: Any, pack: Any, frames: int = 24, seed: in
     """Compare an LM and text encoder read back from ``pack`` with its graphs; returns the errors.
 
     The conditioner graph and the text encoder get each known prompt; the LM step graph (an int8 one as its
-    float twin, :func:`_float_twin`) and the torch step (:class:`export.lm.LMStep`) get the same ``frames`` random code columns under the first prompt.
-    Returns ``{"cross_error": largest difference of cross_k / cross_v relative to their peak, "logit_error":
-    RMS difference of the logits relative to their RMS, "top1_equal": fraction of equal argmaxes}`` and
-    raises :class:`UnpackError` when the cross keys differ by more than 1e-3 or the logits by more than
-    :data:`LM_TOLERANCE`. An int8 graph's activation quantization is computed in torch too.
+    float twin, :func:`_float_twin`) and the torch step (:class:`export.lm.LMStep`) get the same ``frames``
+    random code columns under the first prompt. Returns ``{"cross_error": largest difference of cross_k /
+    cross_v relative to their peak, "logit_error": RMS difference of the logits relative to their RMS,
+    "top1_equal": fraction of equal argmaxes}`` and raises :class:`UnpackError` when the cross keys differ
+    by more than 1e-3 or the logits by more than :data:`LM_TOLERANCE`.
     """
+    import onnxruntime as ort
+
     from export.conditioner import ConditionerGraph
     from export.lm import LMStep, additive_mask, ring_step_through
     from export.onnx import ort_session
@@ -447,8 +458,6 @@ def check_lm(lm: Any, text: Any, tok: Any, pack: Any, frames: int = 24, seed: in
     cmask = additive_mask(valid.expand(batch, -1))
     rng = np.random.default_rng(seed)
     codes = torch.from_numpy(rng.integers(0, lm.cfg.card, (batch, lm.cfg.n_codebooks, frames)))
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     lsess = ort.InferenceSession(_float_twin(pack.lm.file), options, providers=["CPUExecutionProvider"])
