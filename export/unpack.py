@@ -392,7 +392,7 @@ def _float_twin(path: Path) -> bytes:
 
     model = onnx.load(str(path))
     graph = model.graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inits = _graph_initializers(graph)  # int8 weights have no __f16 suffix: their names are kept
     made_by = {out: node for node in graph.node for out in node.output}
     used_by: dict[str, list[Any]] = {}
     for node in graph.node:
