@@ -351,7 +351,11 @@ class Loop:
     ``step_fn(step) -> (loss, losses to show)`` builds the batch of ``step``
     and its loss; ``after(step)`` runs after the optimizer step (e.g. dead-code
     replacement); ``checkpoint()`` saves the stage, every two minutes and at the
-    end, however the loop ends (done, the time cap, Ctrl-C, an error).
+    end, however the loop ends (done, the time cap, Ctrl-C, an error). A resumed
+    stage that takes no step (it was done, or its cap was spent) leaves its
+    checkpoint file as it was, byte for byte: the LM and the decoder name the
+    codec they were trained on by that file's digest, so re-running ``train all``
+    must not make a finished codec look like another one.
     """
 
     stage: str
@@ -385,7 +389,9 @@ class Loop:
 
     def run(self, cfg: Any, opt: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float,
             step_fn: StepFn, checkpoint: Callable[[], None], quiet: bool,
-            after: Callable[[int], None] | None = None) -> None:
+            after: Callable[[int], None] | None = None) -> bool:
+        """Train to ``cfg.steps`` (or the cap); returns whether it saved the checkpoint (not when it took no step
+        from a resumed one: the caller's record is then the saved one's)."""
         bar = Progress(self.stage, cfg.steps, self.step, quiet)
         t0, last_ckpt = self.clock() - self.elapsed, self.clock()
         first_step, run_t0 = self.step, self.clock()
@@ -423,9 +429,12 @@ class Loop:
                     last_ckpt = self.clock()
         finally:
             bar.close()
-            self.elapsed = self.clock() - t0
-            checkpoint()
+            saved = self.step > first_step or first_step == 0
+            if saved:
+                self.elapsed = self.clock() - t0
+                checkpoint()
         log.info("%s: %d steps in %.1f min, losses %s", self.stage, self.step, self.elapsed / 60, self.smooth.values)
+        return saved
 
 
 # --------------------------------------------------------------------------- codec
@@ -729,8 +738,8 @@ def train_codec(
             replace_dead_codes(codec, latent[0], 0.05)
 
     # max_norm 10 is a guard only: typical gradient norms are 2-5.
-    loop.run(cfg, opt, list(codec.parameters()), 10.0, step_fn, checkpoint, quiet, after)
-    return record
+    saved = loop.run(cfg, opt, list(codec.parameters()), 10.0, step_fn, checkpoint, quiet, after)
+    return record if saved or state is None else state["record"]
 
 
 def load_codec(path: str | Path, decoder: str | Path | None = None) -> tuple[Codec, dict[str, Any]]:
@@ -878,8 +887,8 @@ def train_decoder(
         _, losses = reconstruction_losses(codec, x, q, LossWeights.of(cfg))
         return losses.pop("total"), {k: float(v.detach()) for k, v in losses.items()}
 
-    loop.run(cfg, opt, list(codec.decoder.parameters()), 10.0, step_fn, checkpoint, quiet)
-    return record
+    saved = loop.run(cfg, opt, list(codec.decoder.parameters()), 10.0, step_fn, checkpoint, quiet)
+    return record if saved or state is None else state["record"]
 
 
 # --------------------------------------------------------------------------- LM corpus
@@ -1193,8 +1202,8 @@ def train_lm(
                                  rng=rng, self_feed=cfg.self_feed)
         return loss, dict(ce=float(loss.detach()), **{f"ce{k}": v for k, v in enumerate(per_book)})
 
-    loop.run(cfg, opt, params, 1.0, step_fn, checkpoint, quiet)
-    return record
+    saved = loop.run(cfg, opt, params, 1.0, step_fn, checkpoint, quiet)
+    return record if saved or state is None else state["record"]
 
 
 def _lm_source(path: str | Path) -> tuple[LM, TextEncoder, WordTokenizer, dict[str, Any]]:

@@ -33,6 +33,26 @@ def test_codec_checkpoint_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.tmp")) == []
 
 
+def test_a_finished_stage_run_again_leaves_its_checkpoint_as_it_was(tmp_path: Path) -> None:
+    """Re-running ``train all`` (e.g. with more --minutes, as the cap's warning says) resumes every stage. A
+    finished codec must stay byte for byte the file the LM and decoder were trained on: they name it by its
+    digest, and a re-saved codec (a new command in its record) made the LM refuse to resume."""
+    codec, lm, dec = tmp_path / "codec", tmp_path / "lm", tmp_path / "dec"
+    rec = train.train_codec(codec, tiny_codec_cfg(2), device="cpu", quiet=True, command="first")
+    train.train_lm(lm, tiny_lm_cfg(2), codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True)
+    dcfg = train.DecoderTrainConfig(steps=2, batch=2, segment=0.1, warmup=1)
+    train.train_decoder(dec, dcfg, codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True)
+    files = {p: p.read_bytes() for p in (codec / train.CHECKPOINT, dec / train.CHECKPOINT)}
+
+    again = train.train_codec(codec, tiny_codec_cfg(2), device="cpu", quiet=True, command="again")
+    assert again == rec and again["command"] == "first"  # the record of the file as it is
+    dec_again = train.train_decoder(dec, dcfg, codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True)
+    assert dec_again["step"] == 2
+    assert {p: p.read_bytes() for p in files} == files
+    longer = train.train_lm(lm, tiny_lm_cfg(3), codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True)
+    assert longer["step"] == 3  # resumed on the same codec, not refused as another one's tokens
+
+
 def test_a_seanet_codec_trains_with_the_same_loop(tmp_path: Path) -> None:
     rec = train.train_codec(tmp_path, tiny_seanet_cfg(2), device="cpu", quiet=True)
     assert rec["step"] == 2 and set(rec["losses"]) == {"spectral", "wave", "commit"}
