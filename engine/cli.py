@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     trs = tr.add_subparsers(dest="stage", required=True, metavar="STAGE")
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps (default: the stage's)")
-    run.add_argument("--minutes", type=_positive(float), default=None, help="wall-clock cap for the stage (default: codec 50, LM 70, decoder 35)")
+    run.add_argument("--minutes", type=_positive(float), default=None, help="wall-clock cap for the stage (default: codec 50, LM 70, "
+                                                                               "LM focus 35, decoder 35)")
     run.add_argument("--batch", type=_positive(int), default=None, help="batch size (default: the stage's)")
     run.add_argument("--lr", type=_positive(float), default=None, help="peak learning rate")
     run.add_argument("--seed", type=int, default=0, help="seed for weights, corpus and batches (default 0)")
@@ -560,9 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["none", "int8"], default="int8", help="LM weights (default int8)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)
-    p = trs.add_parser("all", parents=[run, kind], help="codec, LM, decoder fine-tune, then the pack, each at its defaults "
-                                                       "(the shipped pack's recipe)")
-    p.add_argument("--runs", type=Path, default=root, help="folder for the three run folders (default out/train)")
+    p = trs.add_parser("all", parents=[run, kind],
+                       help="codec, LM, the LM's focus fine-tune, decoder fine-tune, then the pack, each at its "
+                            "defaults (the shipped pack's recipe; --steps, --minutes, --batch, --lr and --seed "
+                            "apply to every stage)")
+    p.add_argument("--runs", type=Path, default=root,
+                   help="folder for the stages' run folders: codec, lm, lm_focus, decoder (default out/train)")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)

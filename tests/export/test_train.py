@@ -506,8 +506,8 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_cli_train_all_runs_the_shipped_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """`cicada train all` is codec, LM, decoder fine-tune, pack: the stages the shipped pack was made with,
-    each in its run folder, the pack taking the fine-tuned decoder. (The stages themselves are tested
+    """`cicada train all` is codec, LM, the LM's focus fine-tune, decoder fine-tune, pack: the stages the
+    shipped pack was made with, each in its run folder, the pack taking the fine-tuned LM and decoder. (The stages themselves are tested
     above; a real `train all` at the defaults takes hours.)"""
     calls: list[tuple[str, dict]] = []
     rec = dict(step=1, elapsed_minutes=0.0, device="cpu", losses={})
@@ -531,16 +531,45 @@ def test_cli_train_all_runs_the_shipped_recipe(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(train, "export_pack", pack)
     runs = tmp_path / "runs"
     assert main(["train", "all", "--runs", str(runs), "--out", str(tmp_path / "pack"), "--seed", "3"]) == 0
-    assert [c[0] for c in calls] == ["codec", "lm", "decoder", "pack"]
-    by = dict(calls)
+    assert [c[0] for c in calls] == ["codec", "lm", "lm", "decoder", "pack"]
+    focus = calls[2][1]
+    by = dict(calls[:2] + calls[3:])
+    assert by["lm"]["out"] == runs / "lm" and by["lm"]["init"] is None and by["lm"]["cfg"].focus == ()
+    # the LM's focus fine-tune, from the LM stage's checkpoint, on its corpus: the shipped LM's last stage
+    assert focus["out"] == runs / "lm_focus" and focus["init"] == runs / "lm" / train.CHECKPOINT
+    assert focus["corpus_dir"] == runs / "lm" and focus["sized_like_init"] and not focus["fresh"]
+    assert focus["codec_checkpoint"] == runs / "codec" / train.CHECKPOINT
+    cfg = focus["cfg"]
+    assert (tuple(cfg.focus), cfg.focus_weight, cfg.steps, cfg.lr, cfg.seed) == ((5, 7), 3.0, 1000, 1e-4, 3)
     assert by["decoder"]["out"] == runs / "decoder" and by["decoder"]["codec_checkpoint"] == runs / "codec" / train.CHECKPOINT
     assert by["decoder"]["cfg"].seed == 3 and by["decoder"]["cfg"].flux_weight == 3.0
     assert tuple(by["decoder"]["cfg"].focus) == (2, 16, 3) and by["decoder"]["cfg"].focus_weight == 4.0
     assert by["decoder"]["cfg"].phase_lock == 3 and by["decoder"]["cfg"].magnitude_gate
     assert by["decoder"]["cfg"].learned_lock  # the shipped decoder's options, in one fine-tune
     assert by["pack"]["decoder_checkpoint"] == runs / "decoder" / train.CHECKPOINT
-    assert by["pack"]["lm_checkpoint"] == runs / "lm" / train.CHECKPOINT
-    assert "decoder: step 1" in capsys.readouterr().out
+    assert by["pack"]["lm_checkpoint"] == runs / "lm_focus" / train.CHECKPOINT
+    printed = capsys.readouterr().out
+    assert "decoder: step 1" in printed and "lm focus (5,7 x3): step 1" in printed
+
+
+def test_the_focus_stage_shares_the_corpus_and_restarts_when_its_lm_trained_on(tmp_path: Path) -> None:
+    """``train all``'s focus stage reads the LM stage's encoded corpus (no second encoding), records the
+    digest of the LM file it started from, and is started again when that LM has trained since."""
+    codec, lm, focus = tmp_path / "codec", tmp_path / "lm", tmp_path / "lm_focus"
+    train.train_codec(codec, tiny_codec_cfg(1), device="cpu", quiet=True)
+    train.train_lm(lm, tiny_lm_cfg(2), codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True)
+    base = lm / train.CHECKPOINT
+    assert not train.started_elsewhere(focus / train.CHECKPOINT, base)  # nothing there yet
+    cfg = train.LMTrainConfig.focus_tune(steps=2, **{k: getattr(tiny_lm_cfg(2), k) for k in ("batch", "frames", "context",
+                                            "corpus_clips", "corpus_seconds", "text_len", "hysteresis")})
+    rec = train.train_lm(focus, cfg, codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True,
+                         init=base, sized_like_init=True, corpus_dir=lm)
+    assert rec["init"]["digest"] == train.file_digest(base) and tuple(rec["config"]["focus"]) == (5, 7)
+    assert rec["config"]["lm"]["dim"] == 32  # the tiny LM's size, not the defaults'
+    assert list(focus.glob("corpus-*")) == [] and len(list(lm.glob("corpus-*"))) == 1
+    assert not train.started_elsewhere(focus / train.CHECKPOINT, base)
+    train.train_lm(lm, tiny_lm_cfg(3), codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True)
+    assert train.started_elsewhere(focus / train.CHECKPOINT, base)  # the LM trained on: start the focus again
 
 
 def test_configs_are_plain_data() -> None:
