@@ -361,6 +361,7 @@ class EngineClient:
         self._need_tree = True
         self._next_tree_try = 0.0
         self._last_tree = -math.inf
+        self._lost_at = -math.inf  # when the link was last declared lost
         # the newest value of each address, heard or sent: (time a tree must be asked after to be newer than
         # it, value); guarded by _order
         self._recent: dict[str, tuple[float, Any]] = {}
@@ -510,9 +511,11 @@ class EngineClient:
         now = self._last_rx = time.monotonic()
         if not self._connected:
             self._connected = True
-            self._need_tree = True
-            self._next_tree_try = 0.0
-            self._wake.set()
+            # the tree now, unless one asked since the link was lost came or is on its way (at start: the first)
+            if self._need_tree or self._last_tree < self._lost_at:
+                self._need_tree = True
+                self._next_tree_try = 0.0
+                self._wake.set()
             self._emit_connection(True)
         if address == f"{PREFIX}/subscribed" and args:
             with contextlib.suppress(TypeError, ValueError):
@@ -540,6 +543,7 @@ class EngineClient:
             self.flush()
             if self._connected and now - self._last_rx > self.stale_s:
                 self._connected = False
+                self._lost_at = now
                 self._emit_connection(False)
             every = self.resubscribe_s if self._connected else self.retry_s
             if self.lease_s:
@@ -559,13 +563,14 @@ class EngineClient:
 
     def _fetch_tree(self) -> None:
         asked = time.monotonic()
+        self._need_tree = False  # before the request: one asked for while it is on its way comes after it
         try:
             params = parse_tree(fetch_tree(self.host, self.oscquery_port, timeout=self.http_timeout_s))
         except (OSError, ValueError) as exc:
             log.debug("OSCQuery fetch failed: %s", exc)
+            self._need_tree = True
             self._next_tree_try = time.monotonic() + self.retry_s
             return
-        self._need_tree = False
         self._last_tree = asked
         with self._lock:
             unsent = dict(self._throttle.pending)  # the panel's own newest values, not even sent yet

@@ -125,11 +125,20 @@ def connect(engine: Engine, heard: Heard, **kw: Any) -> EngineClient:
     return client
 
 
-def read_tree_again(client: EngineClient, heard: Heard) -> None:
-    """Ask for the tree and wait until the client has reported it."""
-    trees = heard.trees
+def read_tree_again(client: EngineClient, heard: Heard, view: OvertakenView | None = None) -> None:
+    """Ask for the tree and wait until the client has reported it: with ``view``, the tree whose snapshot
+    ran ``view.late`` (a fetch already on its way when the test armed it, e.g. the one the client makes when
+    the engine's first datagram comes, reports an older tree first)."""
+    trees, late, at = heard.trees, view.late if view else None, []
+    if view is not None and late is not None:
+        def armed() -> None:
+            with heard.lock:
+                at.append(heard.trees)  # the trees reported before this snapshot's
+            late()
+
+        view.late = armed
     client.request_tree()
-    wait_for(lambda: heard.trees > trees, "the tree")
+    wait_for(lambda: heard.trees > (at[0] if at else trees) and (late is None or bool(at)), "the tree")
 
 
 def test_a_tree_overtaken_by_feedback_does_not_undo_it(engine: Engine) -> None:
@@ -142,7 +151,7 @@ def test_a_tree_overtaken_by_feedback_does_not_undo_it(engine: Engine) -> None:
             wait_for(lambda: ("udp", pytest.approx(0.35)) in heard.events, "the feedback")
 
         engine.view.late = late
-        read_tree_again(client, heard)
+        read_tree_again(client, heard, engine.view)
         assert engine.view.served[-1]["morph"] == pytest.approx(0.0)  # the server sent the old value...
         with heard.lock:
             kinds = [k for k, _ in heard.events]
@@ -158,10 +167,29 @@ def test_a_value_the_client_sent_after_the_snapshot_wins_over_it(engine: Engine)
     client = connect(engine, heard, tree_every_s=0)
     try:
         engine.view.late = lambda: client.set_param("gain_db", -9.0)
-        read_tree_again(client, heard)
+        read_tree_again(client, heard, engine.view)
         assert engine.view.served[-1]["gain_db"] == pytest.approx(0.0)
         assert heard.last_tree() == pytest.approx(-9.0)
         wait_for(lambda: engine.registry.get("gain_db") == pytest.approx(-9.0), "the engine to apply it")
+    finally:
+        client.close()
+
+
+def test_a_tree_asked_for_while_one_is_on_its_way_comes_after_it(engine: Engine) -> None:
+    """A request for the tree while a fetch is on its way (the panel's, or the client's own when the engine's
+    first datagram comes) is not swallowed by that fetch's end: another snapshot follows it."""
+    heard = Heard("gain_db")
+    client = connect(engine, heard, tree_every_s=0)
+    try:
+        at: list[int] = []
+
+        def ask() -> None:
+            at.append(len(engine.view.served))
+            client.request_tree()
+
+        engine.view.late = ask
+        read_tree_again(client, heard, engine.view)
+        wait_for(lambda: len(engine.view.served) > at[0], "the tree asked for while the last was served")
     finally:
         client.close()
 
@@ -175,8 +203,9 @@ def test_a_value_sent_just_before_the_tree_was_asked_for_wins_over_it(engine: En
     client = connect(engine, heard, tree_every_s=0)
     try:
         engine.view.frozen = engine.registry.snapshot()  # served as if taken before the datagram was read
+        engine.view.late = lambda: None  # (marks the snapshot the frozen one is served in)
         client.set_param("temperature", 2.5)
-        read_tree_again(client, heard)
+        read_tree_again(client, heard, engine.view)
         wait_for(lambda: engine.registry.get("temperature") == pytest.approx(2.5), "the engine to apply it")
         assert engine.view.served[-1]["temperature"] == pytest.approx(1.0)
         assert heard.last_tree() == pytest.approx(2.5)
