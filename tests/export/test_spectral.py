@@ -196,6 +196,12 @@ def test_encoder_graph_exports(tmp_path: Path) -> None:
         expect = codec.encode(audio)
     assert codes.shape == tuple(expect.shape)
     assert (codes == expect.numpy()).mean() > 0.99  # a float tie may flip a code
+    import onnx  # each codebook is stored as the product's [D, N] and the residual lookup's [N, D] table, the
+    #              last one without the lookup: no copy for the codewords' energies (it cost a pack 262 KB)
+    q = codec.quantizer
+    tables = [i for i in onnx.load(str(tmp_path / "encoder.onnx")).graph.initializer
+              if sorted(i.dims) == sorted(q.embed.shape[1:])]
+    assert len(tables) == 2 * q.n_codebooks - 1
 
 
 def test_encoder_graph_exports_the_code_hysteresis_as_a_loop(tmp_path: Path) -> None:
