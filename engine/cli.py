@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -353,10 +355,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _need_export_extra()
     from export import train
 
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # the stage's loop saves its checkpoint on the way out, then exit 130
+
+    # a service manager, a CI runner or `kill` stops a long run with SIGTERM (a background job ignores SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals can only be set there)
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
         return train.run_cli(args)
     except (train.TrainError, FileExistsError) as exc:
         raise UserError(str(exc)) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def build_parser() -> argparse.ArgumentParser:

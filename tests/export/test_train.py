@@ -897,3 +897,30 @@ def test_cli_fine_tunes_a_packs_lm(base_pack: Path, tiny_pack_dir: Path, tmp_pat
     assert main(["train", "lm", "--codec", str(base_pack), "--focus", "23", "--corpus-clips", "1", "--steps", "1",
                  "--threads", "1", "--out", str(tmp_path / "lm3")]) == 1
     assert "numbered 1 to 22" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_training_run_with_its_checkpoint_saved(tmp_path: Path) -> None:
+    """`kill` (SIGTERM: what a service manager or CI runner sends; a background job ignores Ctrl-C's SIGINT)
+    stops `cicada train` like Ctrl-C: the stage saves its checkpoint on the way out and the run resumes there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "codec"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", "codec", "--out", str(out), "--steps",
+                             "100000", "--batch", "1", "--threads", "1"], stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stderr is not None
+        end = time.monotonic() + 300
+        for line in proc.stderr:  # the progress log's first line comes after the first step
+            if "step 1/100000" in line or time.monotonic() > end:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, rest
+    state = torch.load(out / train.CHECKPOINT, weights_only=False)
+    assert state["step"] >= 1 and state["record"]["step"] == state["step"]
