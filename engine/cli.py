@@ -573,11 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("all", parents=[run, kind],
-                       help="codec, LM, the LM's focus fine-tune, decoder fine-tune, then the pack, each at its "
-                            "defaults (the shipped pack's recipe; --steps, --minutes, --batch, --lr and --seed "
-                            "apply to every stage)")
+                       help="codec, LM, decoder fine-tune, a probe of what they confuse, the LM's and the "
+                            "decoder's fine-tunes aimed at it, then the pack, each at its defaults (--steps, "
+                            "--minutes, --batch, --lr and --seed apply to every stage)")
     p.add_argument("--runs", type=Path, default=root,
-                   help="folder for the stages' run folders: codec, lm, lm_focus, decoder (default out/train)")
+                   help="folder for the stages' run folders: codec, lm, decoder, probe, lm_focus, decoder_focus "
+                        "(default out/train)")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_train)

@@ -7,9 +7,11 @@ Four stages, each resumable from the checkpoint it leaves in its folder::
     cicada train decoder out/train/decoder/checkpoint.pt the codec's decoder fine-tuned on its frozen tokens
     cicada train pack    packs/default                   ONNX pack, with the training record
 
-``cicada train all`` runs them in order, with one more between the LM and the decoder: the LM's focus
-fine-tune (``--init`` its checkpoint, :meth:`LMTrainConfig.focus_tune`) in ``out/train/lm_focus``, whose LM
-the pack takes, as the shipped pack's recipe had it.
+``cicada train all`` runs codec, LM and decoder, then probes them (:mod:`export.probe`: a quick eval that
+hears which prompts the LM confuses and which the codec loses), then fine-tunes each from its checkpoint,
+aimed at those prompts: the LM in ``out/train/lm_focus`` (:meth:`LMTrainConfig.focus_tune`), the decoder
+in ``out/train/decoder_focus`` (:meth:`DecoderTrainConfig.focus_tune`); the pack takes both. This is how
+the shipped pack's fine-tunes were aimed, by hand, at the prompts its models of the day confused.
 
 (``cicada train codebooks``, :mod:`export.codebooks`, re-fits a trained codec's codebooks by k-means: a
 tool, not one of the stages ``train all`` runs.)
@@ -184,6 +186,13 @@ class DecoderTrainConfig:
     #                            worst (docs/training.md, "Why the codec loses prompts 2 and 16")
     batch_offset: int = 1_000_000  # batches the codec stage never saw
 
+    @classmethod
+    def focus_tune(cls, focus: Sequence[int], **overrides: Any) -> DecoderTrainConfig:
+        """``train all``'s second decoder fine-tune, from the decoder stage's checkpoint (``init``): the same
+        4000 steps, drawing the prompts the probe heard the codec lose (:mod:`export.probe`) four times as
+        often, as each of the shipped decoder's later fine-tunes did with the prompts of its day."""
+        return cls(**{**dict(focus=tuple(focus), focus_weight=4.0), **overrides})
+
 
 @dataclass
 class LMTrainConfig:
@@ -225,10 +234,11 @@ class LMTrainConfig:
 
     @classmethod
     def focus_tune(cls, **overrides: Any) -> LMTrainConfig:
-        """The shipped LM's last stage, which ``train all`` runs from the LM stage's checkpoint (``--init``):
-        1000 steps at a tenth of the learning rate, drawing prompts 5 and 7 (the two the LM confused most)
-        three times as often; about 28 minutes on 2 cores (docs/training.md, "An LM fine-tune aimed at
-        prompts 5 and 7": 168 of 176 clips before it, 169 after, lowest prompt 0.625 before, 0.75 after)."""
+        """The shipped LM's last stage: 1000 steps at a tenth of the learning rate, drawing prompts 5 and 7
+        (the two the shipped LM confused most) three times as often; about 28 minutes on 2 cores
+        (docs/training.md, "An LM fine-tune aimed at prompts 5 and 7": 168 of 176 clips before it, 169
+        after, lowest prompt 0.625 before, 0.75 after). ``train all`` runs it from the LM stage's
+        checkpoint (``--init``) with the prompts its probe heard that LM confuse (``focus=``)."""
         return cls(**{**dict(steps=1000, lr=1e-4, minutes=35.0, focus=(5, 7), focus_weight=3.0), **overrides})
 
 
@@ -832,12 +842,16 @@ def train_decoder(
     fresh: bool = False,
     quiet: bool = False,
     command: str | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune (or resume fine-tuning) a trained codec's decoder on its own frozen tokens.
 
     ``codec_checkpoint`` may be a pack folder instead: its codec is read back from its graphs
     (:func:`export.unpack.codec_from_pack`) and its decoder fine-tuned from where the pack has it;
     ``cicada train pack --codec PACK --decoder CKPT`` then puts the result in a copy of the pack.
+    ``init``, a decoder checkpoint of the same codec with the same decoder options, starts a new run from
+    its weights (fresh optimizer and schedule; ``train all``'s decoder focus stage). A run being resumed
+    ignores it.
     """
     out = Path(out)
     ckpt_path = out / CHECKPOINT
@@ -864,6 +878,9 @@ def train_decoder(
         link_stereo_phase(codec, cfg.stereo_phase)
     if isinstance(codec, SpectralCodec):
         set_decoder_options(codec, dataclasses.asdict(cfg))
+    init_record = None
+    if state is None and init is not None:
+        init_record = _init_decoder(codec, Path(init), digest, codec_checkpoint, cfg)
     codec = codec.to(dev)
     codec.encoder.eval().requires_grad_(False)
     codec.quantizer.eval().requires_grad_(False)
@@ -878,6 +895,10 @@ def train_decoder(
     record = dict(stage="decoder", config=dataclasses.asdict(cfg), device=device_record(dev), codec_digest=digest,
                   command=command or "cicada train decoder", commit=git_commit(),
                   **({"codec_pack": str(codec_checkpoint)} if from_pack else {}))
+    if state is not None and "init" in state.get("record", {}):
+        record["init"] = state["record"]["init"]
+    elif init_record is not None:
+        record["init"] = init_record
 
     def checkpoint() -> None:
         record.update(loop.summary())
@@ -901,6 +922,36 @@ def train_decoder(
 
     saved = loop.run(cfg, opt, list(codec.decoder.parameters()), 10.0, step_fn, checkpoint, quiet)
     return record if saved or state is None else state["record"]
+
+
+def _init_decoder(codec: Codec | SpectralCodec, path: Path, digest: str, codec_name: str | Path,
+                  cfg: DecoderTrainConfig) -> dict[str, Any]:
+    """Load the decoder weights of the checkpoint at ``path`` (made for the codec with ``digest``, with the
+    decoder options ``cfg`` has) into ``codec``; returns what the record says about it."""
+    theirs = saved_config("decoder", load_checkpoint(path, "decoder").get("config", {}))
+    mine = dataclasses.asdict(cfg)
+    other = [k for k in ("stereo_phase", "phase_start", "phase_lock", "magnitude_gate", "learned_lock")
+             if k in theirs and theirs[k] != mine[k]]
+    if other:
+        raise TrainError(f"--init {path} has another {other[0]} ({theirs[other[0]]!r}) than this run "
+                         f"({mine[other[0]]!r}); pass the same decoder options")
+    drec = load_decoder(codec, path, digest, codec_name)  # checks the stage and the codec, loads the weights
+    return dict(checkpoint=str(path), digest=file_digest(path), step=drec.get("step"), command=drec.get("command"),
+                focus=list(theirs.get("focus", ())))
+
+
+def restart_reason(checkpoint: Path, init: Path, stage: str, focus: Sequence[int]) -> str | None:
+    """Why the fine-tune at ``checkpoint`` must start over from ``init`` (None: it may resume, or there is
+    none yet): the file it started from has trained since (a re-run of ``train all`` with more --minutes),
+    or is another, or the probe now aims it at other prompts."""
+    if not checkpoint.exists():
+        return None
+    state = load_checkpoint(checkpoint, stage)
+    if state.get("record", {}).get("init", {}).get("digest") != file_digest(init):
+        return f"{checkpoint} was fine-tuned from an earlier {init}"
+    if tuple(state.get("config", {}).get("focus", ())) != tuple(focus):
+        return f"{checkpoint} was aimed at other prompts than ({','.join(map(str, focus))})"
+    return None
 
 
 # --------------------------------------------------------------------------- LM corpus
@@ -1263,15 +1314,6 @@ def _init_lm(lm: LM, text: TextEncoder, tok: WordTokenizer,
                 codec_digest=old_record.get("codec_digest"))
 
 
-def started_elsewhere(checkpoint: Path, init: Path) -> bool:
-    """Whether the fine-tune at ``checkpoint`` (if any) started from another file than ``init`` is now: the
-    LM it was made from has trained since (a re-run of ``train all`` with more --minutes), or is another."""
-    if not checkpoint.exists():
-        return False
-    started = load_checkpoint(checkpoint, "lm").get("record", {}).get("init", {})
-    return started.get("digest") != file_digest(init)
-
-
 def load_lm(path: str | Path) -> tuple[LM, TextEncoder, WordTokenizer, dict[str, Any]]:
     """The trained LM, text encoder and tokenizer (eval mode) and the record, from an LM checkpoint."""
     from tokenizers import Tokenizer
@@ -1496,17 +1538,6 @@ def run_cli(args: Any) -> int:
                        init=getattr(args, "init", None), sized_like_init=True)
         print(f"lm: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
-    if args.stage == "all":  # the LM's focus fine-tune, the shipped LM's last stage
-        base, out = args.runs / "lm" / CHECKPOINT, args.runs / "lm_focus"
-        fresh = args.fresh or started_elsewhere(out / CHECKPOINT, base)
-        if fresh and not args.fresh:
-            log.warning("%s was fine-tuned from an earlier %s; the focus fine-tune starts again from it",
-                        out / CHECKPOINT, base)
-        cfg = _overrides(LMTrainConfig.focus_tune(), args, common)
-        rec = train_lm(out, cfg, codec_checkpoint=args.runs / "codec" / CHECKPOINT, device=args.device, fresh=fresh,
-                       command=command, init=base, sized_like_init=True, corpus_dir=args.runs / "lm")
-        print(f"lm focus ({','.join(map(str, cfg.focus))} x{cfg.focus_weight:g}): step {rec['step']}, "
-              f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
     decoder = getattr(args, "decoder", None)
     if args.stage in ("decoder", "all"):
         out = args.runs / "decoder" if args.stage == "all" else args.out
@@ -1522,14 +1553,48 @@ def run_cli(args: Any) -> int:
               f"losses {_fmt(rec['losses'])} -> {decoder}"
               + (f" (pack it with `cicada train pack{f' --codec {codec}' if is_pack(codec) else ''} "
                  f"--decoder {decoder}`)" if args.stage == "decoder" else ""))
+    lm = args.lm if args.stage == "pack" else None
+    if args.stage == "all":  # probe the run, then the fine-tunes aimed at what it confuses (export.probe)
+        lm, decoder = _focus_stages(args, command, common, decoder)
     if args.stage in ("pack", "all"):
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
-        lm = args.runs / "lm_focus" / CHECKPOINT if args.stage == "all" else args.lm
         pack = export_pack(args.out, codec_checkpoint=codec, lm_checkpoint=lm, decoder_checkpoint=decoder,
                            quantize=getattr(args, "quantize", "int8"), overwrite=args.force, command=command)
         size = sum(f.stat().st_size for f in pack.path.iterdir()) / 1e6
         print(f"wrote {pack.path} ({size:.1f} MB)")
     return 0
+
+
+def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Path) -> tuple[Path, Path]:
+    """``train all`` after its LM and decoder stages: the probe, then the LM's and the decoder's focus
+    fine-tunes, each from its stage's checkpoint and aimed at the prompts the probe heard it confuse;
+    returns the two checkpoints the pack takes."""
+    from export.probe import ProbeConfig, probe, summary
+
+    runs, codec = args.runs, args.runs / "codec" / CHECKPOINT
+    base_lm = runs / "lm" / CHECKPOINT
+    heard = probe(runs / "probe", codec_checkpoint=codec, lm_checkpoint=base_lm, decoder_checkpoint=decoder,
+                  cfg=ProbeConfig())
+    print(summary(heard))
+    out = runs / "lm_focus"
+    cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"])), args, common)
+    why = None if args.fresh else restart_reason(out / CHECKPOINT, base_lm, "lm", cfg.focus)
+    if why:
+        log.warning("%s; the LM's focus fine-tune starts again", why)
+    rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh or bool(why),
+                   command=command, init=base_lm, sized_like_init=True, corpus_dir=runs / "lm")
+    print(f"lm focus ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}): step {rec['step']}, "
+          f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
+    out_dec = runs / "decoder_focus"
+    dcfg = _overrides(DecoderTrainConfig.focus_tune(heard["focus"]["decoder"]), args, common)
+    why = None if args.fresh else restart_reason(out_dec / CHECKPOINT, decoder, "decoder", dcfg.focus)
+    if why:
+        log.warning("%s; the decoder's focus fine-tune starts again", why)
+    rec = train_decoder(out_dec, dcfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh or bool(why),
+                        command=command, init=decoder)
+    print(f"decoder focus ({','.join(map(str, dcfg.focus)) or '-'} x{dcfg.focus_weight:g}): step {rec['step']}, "
+          f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out_dec / CHECKPOINT}")
+    return out / CHECKPOINT, out_dec / CHECKPOINT
 
 
 def _fmt(losses: dict[str, float]) -> str:

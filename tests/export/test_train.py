@@ -504,11 +504,14 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert type(codec).__name__ == "Codec" and record["config"]["segment"] == 0.4
 
 
-def test_cli_train_all_runs_the_shipped_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """`cicada train all` is codec, LM, the LM's focus fine-tune, decoder fine-tune, pack: the stages the
-    shipped pack was made with, each in its run folder, the pack taking the fine-tuned LM and decoder. (The stages themselves are tested
-    above; a real `train all` at the defaults takes hours.)"""
+def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`cicada train all` is codec, LM, decoder, the probe, the LM's and the decoder's focus fine-tunes (each
+    from its stage's checkpoint, aimed at the prompts the probe heard it confuse), pack: each in its run
+    folder, the pack taking the two fine-tunes. (The stages themselves are tested elsewhere; a real `train
+    all` at the defaults takes hours.)"""
+    from export import probe
+
     calls: list[tuple[str, dict]] = []
     rec = dict(step=1, elapsed_minutes=0.0, device="cpu", losses={})
 
@@ -526,40 +529,57 @@ def test_cli_train_all_runs_the_shipped_recipe(tmp_path: Path, monkeypatch: pyte
         Written.path.mkdir(exist_ok=True)
         return Written
 
+    def heard(folder, **kw):
+        calls.append(("probe", dict(out=Path(folder), **kw)))
+        return dict(focus=dict(lm=[5, 2], decoder=[16, 7, 21]), text_match_mean=0.8, text_match_min=0.0,
+                    codec_recognised=0.9)
+
     for name in ("codec", "lm", "decoder"):
         monkeypatch.setattr(train, f"train_{name}", stage(name))
     monkeypatch.setattr(train, "export_pack", pack)
+    monkeypatch.setattr(probe, "probe", heard)
     runs = tmp_path / "runs"
     assert main(["train", "all", "--runs", str(runs), "--out", str(tmp_path / "pack"), "--seed", "3"]) == 0
-    assert [c[0] for c in calls] == ["codec", "lm", "lm", "decoder", "pack"]
-    focus = calls[2][1]
-    by = dict(calls[:2] + calls[3:])
+    assert [c[0] for c in calls] == ["codec", "lm", "decoder", "probe", "lm", "decoder", "pack"]
+    by = dict(calls[:4])
+    lm_focus, dec_focus, packed = calls[4][1], calls[5][1], calls[6][1]
+    ckpt = train.CHECKPOINT
     assert by["lm"]["out"] == runs / "lm" and by["lm"]["init"] is None and by["lm"]["cfg"].focus == ()
-    # the LM's focus fine-tune, from the LM stage's checkpoint, on its corpus: the shipped LM's last stage
-    assert focus["out"] == runs / "lm_focus" and focus["init"] == runs / "lm" / train.CHECKPOINT
-    assert focus["corpus_dir"] == runs / "lm" and focus["sized_like_init"] and not focus["fresh"]
-    assert focus["codec_checkpoint"] == runs / "codec" / train.CHECKPOINT
-    cfg = focus["cfg"]
-    assert (tuple(cfg.focus), cfg.focus_weight, cfg.steps, cfg.lr, cfg.seed) == ((5, 7), 3.0, 1000, 1e-4, 3)
-    assert by["decoder"]["out"] == runs / "decoder" and by["decoder"]["codec_checkpoint"] == runs / "codec" / train.CHECKPOINT
+    assert by["decoder"]["out"] == runs / "decoder" and by["decoder"]["codec_checkpoint"] == runs / "codec" / ckpt
     assert by["decoder"]["cfg"].seed == 3 and by["decoder"]["cfg"].flux_weight == 3.0
     assert tuple(by["decoder"]["cfg"].focus) == (2, 16, 3) and by["decoder"]["cfg"].focus_weight == 4.0
     assert by["decoder"]["cfg"].phase_lock == 3 and by["decoder"]["cfg"].magnitude_gate
     assert by["decoder"]["cfg"].learned_lock  # the shipped decoder's options, in one fine-tune
-    assert by["pack"]["decoder_checkpoint"] == runs / "decoder" / train.CHECKPOINT
-    assert by["pack"]["lm_checkpoint"] == runs / "lm_focus" / train.CHECKPOINT
+    # the probe hears the LM stage's LM through the decoder stage's decoder
+    assert by["probe"]["out"] == runs / "probe" and by["probe"]["lm_checkpoint"] == runs / "lm" / ckpt
+    assert by["probe"]["decoder_checkpoint"] == runs / "decoder" / ckpt
+    # the LM's focus fine-tune, from the LM stage's checkpoint, on its corpus, aimed where the probe says
+    assert lm_focus["out"] == runs / "lm_focus" and lm_focus["init"] == runs / "lm" / ckpt
+    assert lm_focus["corpus_dir"] == runs / "lm" and lm_focus["sized_like_init"] and not lm_focus["fresh"]
+    assert lm_focus["codec_checkpoint"] == runs / "codec" / ckpt
+    cfg = lm_focus["cfg"]
+    assert (tuple(cfg.focus), cfg.focus_weight, cfg.steps, cfg.lr, cfg.seed) == ((5, 2), 3.0, 1000, 1e-4, 3)
+    # the decoder's, from the decoder stage's checkpoint
+    assert dec_focus["out"] == runs / "decoder_focus" and dec_focus["init"] == runs / "decoder" / ckpt
+    dcfg = dec_focus["cfg"]
+    assert (tuple(dcfg.focus), dcfg.focus_weight, dcfg.steps, dcfg.seed) == ((16, 7, 21), 4.0, 4000, 3)
+    assert dcfg.learned_lock and dcfg.phase_lock == 3 and not dec_focus["fresh"]
+    assert packed["decoder_checkpoint"] == runs / "decoder_focus" / ckpt
+    assert packed["lm_checkpoint"] == runs / "lm_focus" / ckpt
     printed = capsys.readouterr().out
-    assert "decoder: step 1" in printed and "lm focus (5,7 x3): step 1" in printed
+    assert "decoder: step 1" in printed and "lm focus (5,2 x3): step 1" in printed
+    assert "decoder focus (16,7,21 x4): step 1" in printed and "LM focus (5,2), decoder focus (16,7,21)" in printed
 
 
 def test_the_focus_stage_shares_the_corpus_and_restarts_when_its_lm_trained_on(tmp_path: Path) -> None:
-    """``train all``'s focus stage reads the LM stage's encoded corpus (no second encoding), records the
-    digest of the LM file it started from, and is started again when that LM has trained since."""
+    """``train all``'s LM focus stage reads the LM stage's encoded corpus (no second encoding), records the
+    digest of the LM file it started from, and is started again when that LM has trained since, or when the
+    probe aims it at other prompts."""
     codec, lm, focus = tmp_path / "codec", tmp_path / "lm", tmp_path / "lm_focus"
     train.train_codec(codec, tiny_codec_cfg(1), device="cpu", quiet=True)
     train.train_lm(lm, tiny_lm_cfg(2), codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True)
-    base = lm / train.CHECKPOINT
-    assert not train.started_elsewhere(focus / train.CHECKPOINT, base)  # nothing there yet
+    base, ckpt = lm / train.CHECKPOINT, focus / train.CHECKPOINT
+    assert train.restart_reason(ckpt, base, "lm", (5, 7)) is None  # nothing there yet
     cfg = train.LMTrainConfig.focus_tune(steps=2, **{k: getattr(tiny_lm_cfg(2), k) for k in ("batch", "frames", "context",
                                             "corpus_clips", "corpus_seconds", "text_len", "hysteresis")})
     rec = train.train_lm(focus, cfg, codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True,
@@ -567,9 +587,36 @@ def test_the_focus_stage_shares_the_corpus_and_restarts_when_its_lm_trained_on(t
     assert rec["init"]["digest"] == train.file_digest(base) and tuple(rec["config"]["focus"]) == (5, 7)
     assert rec["config"]["lm"]["dim"] == 32  # the tiny LM's size, not the defaults'
     assert list(focus.glob("corpus-*")) == [] and len(list(lm.glob("corpus-*"))) == 1
-    assert not train.started_elsewhere(focus / train.CHECKPOINT, base)
+    assert train.restart_reason(ckpt, base, "lm", (5, 7)) is None
+    assert "other prompts than (2,5)" in train.restart_reason(ckpt, base, "lm", (2, 5))
     train.train_lm(lm, tiny_lm_cfg(3), codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True)
-    assert train.started_elsewhere(focus / train.CHECKPOINT, base)  # the LM trained on: start the focus again
+    assert "fine-tuned from an earlier" in train.restart_reason(ckpt, base, "lm", (5, 7))  # the LM trained on
+
+
+def test_a_decoder_fine_tune_starts_from_another_decoder_checkpoint(runs: Path, tmp_path: Path) -> None:
+    """``train_decoder(init=)`` (``train all``'s decoder focus stage) starts from a decoder checkpoint of
+    the same codec: its weights, a new optimizer and schedule, the init in the record; a decoder of another
+    codec, or with other decoder options, is refused with what to do."""
+    codec_ckpt = runs / "codec" / train.CHECKPOINT
+    cfg = train.DecoderTrainConfig(steps=2, batch=2, segment=0.1, warmup=1)
+    first = tmp_path / "dec" / train.CHECKPOINT
+    train.train_decoder(first.parent, cfg, codec_checkpoint=codec_ckpt, device="cpu", quiet=True)
+    start = torch.load(first, weights_only=False)["model"]
+    focus_cfg = train.DecoderTrainConfig.focus_tune((7, 16), steps=1, batch=2, segment=0.1, warmup=1, lr=1e-12)
+    rec = train.train_decoder(tmp_path / "focus", focus_cfg, codec_checkpoint=codec_ckpt, device="cpu", quiet=True,
+                              init=first)
+    assert rec["step"] == 1 and rec["init"]["digest"] == train.file_digest(first) and rec["init"]["step"] == 2
+    assert tuple(rec["config"]["focus"]) == (7, 16) and rec["config"]["focus_weight"] == 4.0
+    tuned = torch.load(tmp_path / "focus" / train.CHECKPOINT, weights_only=False)["model"]
+    assert all(torch.allclose(tuned[k], v, atol=1e-6) for k, v in start.items())  # lr ~0: the init's weights
+    assert train.restart_reason(tmp_path / "focus" / train.CHECKPOINT, first, "decoder", (7, 16)) is None
+    with pytest.raises(train.TrainError, match="another phase_lock"):
+        train.train_decoder(tmp_path / "other", dataclasses.replace(focus_cfg, phase_lock=2), device="cpu",
+                            codec_checkpoint=codec_ckpt, quiet=True, init=first)
+    train.train_codec(tmp_path / "codec2", tiny_codec_cfg(1), device="cpu", quiet=True)
+    with pytest.raises(train.TrainError, match="another codec"):
+        train.train_decoder(tmp_path / "other", focus_cfg, codec_checkpoint=tmp_path / "codec2" / train.CHECKPOINT,
+                            device="cpu", quiet=True, init=first)
 
 
 def test_configs_are_plain_data() -> None:
