@@ -1578,23 +1578,27 @@ def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Pat
     print(summary(heard))
     out = runs / "lm_focus"
     cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"])), args, common)
-    why = None if args.fresh else restart_reason(out / CHECKPOINT, base_lm, "lm", cfg.focus)
-    if why:
-        log.warning("%s; the LM's focus fine-tune starts again", why)
-    rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh or bool(why),
+    rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device,
+                   fresh=_start_again(args, out / CHECKPOINT, base_lm, "lm", cfg.focus),
                    command=command, init=base_lm, sized_like_init=True, corpus_dir=runs / "lm")
     print(f"lm focus ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}): step {rec['step']}, "
           f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
     out_dec = runs / "decoder_focus"
     dcfg = _overrides(DecoderTrainConfig.focus_tune(heard["focus"]["decoder"]), args, common)
-    why = None if args.fresh else restart_reason(out_dec / CHECKPOINT, decoder, "decoder", dcfg.focus)
-    if why:
-        log.warning("%s; the decoder's focus fine-tune starts again", why)
-    rec = train_decoder(out_dec, dcfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh or bool(why),
+    rec = train_decoder(out_dec, dcfg, codec_checkpoint=codec, device=args.device,
+                        fresh=_start_again(args, out_dec / CHECKPOINT, decoder, "decoder", dcfg.focus),
                         command=command, init=decoder)
     print(f"decoder focus ({','.join(map(str, dcfg.focus)) or '-'} x{dcfg.focus_weight:g}): step {rec['step']}, "
           f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out_dec / CHECKPOINT}")
     return out / CHECKPOINT, out_dec / CHECKPOINT
+
+
+def _start_again(args: Any, checkpoint: Path, init: Path, stage: str, focus: Sequence[int]) -> bool:
+    """Whether a focus fine-tune starts fresh: ``--fresh``, or :func:`restart_reason` says so (with a warning)."""
+    why = None if args.fresh else restart_reason(checkpoint, init, stage, focus)
+    if why:
+        log.warning("%s; the %s's focus fine-tune starts again", why, "LM" if stage == "lm" else stage)
+    return bool(args.fresh or why)
 
 
 def _fmt(losses: dict[str, float]) -> str:
