@@ -351,6 +351,19 @@ def _prompt_numbers(text: str) -> tuple[int, ...]:
             f"expected prompt numbers separated by commas, like 2,16,7; got {text!r}") from None
 
 
+def _prompt_pairs(text: str) -> tuple[tuple[int, int], ...]:
+    """``"5:14, 2:4"`` -> ``((5, 14), (2, 4))``: pairs of prompt numbers (the trainer checks the range)."""
+    try:
+        pairs = tuple(tuple(int(v) for v in pair.split(":")) for pair in text.replace(" ", "").split(",") if pair)
+    except ValueError:
+        pairs = ((),)
+    if any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(
+            f"expected pairs of prompt numbers like 5:14,2:4 (a prompt and the one its clips are heard as); "
+            f"got {text!r}")
+    return pairs  # type: ignore[return-value]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     _need_export_extra()
     from export import train
@@ -519,6 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "`cicada eval` hears as another; with --focus-weight (default: none, every prompt equally)")
     p.add_argument("--focus-weight", type=_positive(float), default=None,
                    help="how many times as often the --focus prompts are drawn (default 1)")
+    p.add_argument("--contrast", type=_prompt_pairs, default=None, metavar="A:B,...",
+                   help="pairs of prompts the LM must tell apart by their text (a prompt and the one `cicada eval` "
+                        "hears its clips as): each pair's clips are scored under the other prompt too, and must "
+                        "cost --contrast-margin nats a code more there (one more forward pass of those clips; "
+                        "default: none)")
+    p.add_argument("--contrast-weight", type=_nonnegative, default=None,
+                   help="weight of the --contrast hinge against the cross-entropy (default 1)")
+    p.add_argument("--contrast-margin", type=_positive(float), default=None,
+                   help="the --contrast margin, nats a code (default 0.25)")
     p.add_argument("--text-input", action=argparse.BooleanOptionalAction, default=None,
                    help="add the pooled prompt to every frame's input, besides cross-attention (default on)")
     p.set_defaults(func=_cmd_train)

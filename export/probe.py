@@ -21,7 +21,9 @@ Example: probe clips and reconstructions of five prompts (3 each; the number is 
        9      9  9  9      9  9  9        -
 
     -> lm focus (5, 2), decoder focus (5, 7, 16): the most-missed first, at most ``lm_max`` / ``decoder_max``
-       (the LM's by how much more its clips miss than the reconstructions, then by its own misses).
+       (the LM's by how much more its clips miss than the reconstructions, then by its own misses);
+       lm contrast (5:14, 2:6): each LM prompt with the prompt its clips are most often heard as, which the
+       LM's fine-tune learns to tell it from by the text (``export.train.text_margin_loss``).
 
 The probe's seeds are not those docs/training.md scores packs with (clips 0, 10, 20, 30; the held-out
 codec clips of ``export.data.HELDOUT_SEED``), so the choice is not made on the clips that judge it.
@@ -66,6 +68,7 @@ class Focus:
 
     lm: tuple[int, ...]
     decoder: tuple[int, ...]
+    contrast: tuple[tuple[int, int], ...] = ()  # (LM prompt, the prompt its clips are most often heard as)
 
 
 def choose_focus(confusion: np.ndarray, heard_as: dict[int, list[int]], lm_max: int = 4,
@@ -75,8 +78,8 @@ def choose_focus(confusion: np.ndarray, heard_as: dict[int, list[int]], lm_max: 
     ``confusion [P, P]``: counts of generated clips, rows asked, columns heard (0-based prompt indices).
     ``heard_as``: 0-based prompt index -> the labels of its reconstructions. A prompt with reconstructions
     heard as another goes to the decoder (most missed first); one whose clips are heard as another more
-    often than its reconstructions, to the LM (the largest excess first, then the most missed). Ties go to
-    the lower prompt number.
+    often than its reconstructions, to the LM (the largest excess first, then the most missed), paired in
+    ``contrast`` with the prompt its clips are most often heard as. Ties go to the lower prompt number.
     """
     confusion = np.asarray(confusion)
     codec_missed = {i: sum(lab != i for lab in labs) / len(labs) for i, labs in heard_as.items() if labs}
@@ -87,8 +90,11 @@ def choose_focus(confusion: np.ndarray, heard_as: dict[int, list[int]], lm_max: 
     def worst(keys: dict[int, tuple[float, ...]], most: int) -> tuple[int, ...]:
         return tuple(i + 1 for i in sorted(keys, key=lambda i: (*(-k for k in keys[i]), i))[:most])
 
-    return Focus(lm=worst({i: (e, clip_missed[i]) for i, e in excess.items() if e > 1e-9}, lm_max),
-                 decoder=worst({i: (m,) for i, m in codec_missed.items() if m > 0}, decoder_max))
+    lm = worst({i: (e, clip_missed[i]) for i, e in excess.items() if e > 1e-9}, lm_max)
+    wrong = [confusion[p - 1] * (np.arange(len(confusion)) != p - 1) for p in lm]
+    contrast = tuple((p, int(np.argmax(row)) + 1) for p, row in zip(lm, wrong) if row.any())
+    return Focus(lm=lm, decoder=worst({i: (m,) for i, m in codec_missed.items() if m > 0}, decoder_max),
+                 contrast=contrast)
 
 
 def _inputs(codec: Path, lm: Path, decoder: Path, cfg: ProbeConfig) -> dict[str, Any]:
@@ -154,14 +160,16 @@ def _with_focus(record: dict[str, Any], cfg: ProbeConfig) -> dict[str, Any]:
     """``record`` with ``focus`` made from what it heard (so that a cached probe follows today's rule)."""
     heard = {int(k) - 1: [x - 1 for x in labs] for k, labs in record["codec_heard_as"].items()}
     focus = choose_focus(np.asarray(record["confusion"]), heard, cfg.lm_max, cfg.decoder_max)
-    return dict(record, focus=dict(lm=list(focus.lm), decoder=list(focus.decoder)))
+    return dict(record, focus=dict(lm=list(focus.lm), decoder=list(focus.decoder),
+                                   contrast=[list(p) for p in focus.contrast]))
 
 
 def summary(record: dict[str, Any]) -> str:
     """One line for the console: what the probe heard and where it aims the fine-tunes."""
     names = ",".join
     return (f"probe: text match {record['text_match_mean']:.2f} (min {record['text_match_min']:.2f}), codec "
-            f"recognised {record['codec_recognised']:.2f}; LM focus ({names(map(str, record['focus']['lm'])) or '-'}), "
+            f"recognised {record['codec_recognised']:.2f}; LM focus ({names(map(str, record['focus']['lm'])) or '-'}; "
+            f"contrast {names(f'{a}:{b}' for a, b in record['focus'].get('contrast', [])) or '-'}), "
             f"decoder focus ({names(map(str, record['focus']['decoder'])) or '-'})")
 
 

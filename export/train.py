@@ -127,7 +127,7 @@ class CodecTrainConfig:
 CODEC_KINDS = {"spectral": CodecTrainConfig, "seanet": CodecTrainConfig.seanet}
 
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lm": {"context_noise": 0.0, "self_feed": 0.0},
+    "lm": {"context_noise": 0.0, "self_feed": 0.0, "contrast": (), "contrast_weight": 1.0, "contrast_margin": 0.25},
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
                 "envelope_weight": 0.0, "code_noise": 0.0, "phase_start": "zero", "focus": (), "focus_weight": 1.0,
                 "phase_lock": 0, "magnitude_gate": False, "learned_lock": False},
@@ -226,6 +226,11 @@ class LMTrainConfig:
     text_len: int = 24
     focus: tuple[int, ...] = ()  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as often
     focus_weight: float = 1.0  # (prompt_weights): for a fine-tune (--init) on the prompts the LM confuses
+    contrast: tuple[tuple[int, int], ...] = ()  # prompt pairs (1-based) the LM must tell apart by their text:
+    # each pair's clips are also scored under the other prompt, and a hinge asks for contrast_margin nats a
+    # code more there than under their own (text_margin_loss; both ways round)
+    contrast_weight: float = 1.0
+    contrast_margin: float = 0.25
     lm: dict[str, Any] = field(
         default_factory=lambda: dict(dim=256, layers=8, heads=8, ffn_dim=1024, positions="rotary",
                                      text_input=True)
@@ -940,17 +945,21 @@ def _init_decoder(codec: Codec | SpectralCodec, path: Path, digest: str, codec_n
                 focus=list(theirs.get("focus", ())))
 
 
-def restart_reason(checkpoint: Path, init: Path, stage: str, focus: Sequence[int]) -> str | None:
+def restart_reason(checkpoint: Path, init: Path, stage: str, focus: Sequence[int],
+                   contrast: Sequence[Sequence[int]] = ()) -> str | None:
     """Why the fine-tune at ``checkpoint`` must start over from ``init`` (None: it may resume, or there is
     none yet): the file it started from has trained since (a re-run of ``train all`` with more --minutes),
-    or is another, or the probe now aims it at other prompts."""
+    or is another, or the probe now aims it at other prompts, or (the LM's) pairs them with others."""
     if not checkpoint.exists():
         return None
     state = load_checkpoint(checkpoint, stage)
+    saved = saved_config(stage, state.get("config", {}))
     if state.get("record", {}).get("init", {}).get("digest") != file_digest(init):
         return f"{checkpoint} was fine-tuned from an earlier {init}"
-    if tuple(state.get("config", {}).get("focus", ())) != tuple(focus):
+    if tuple(saved.get("focus", ())) != tuple(focus):
         return f"{checkpoint} was aimed at other prompts than ({','.join(map(str, focus))})"
+    if [tuple(p) for p in saved.get("contrast", ())] != [tuple(p) for p in contrast]:
+        return f"{checkpoint} told other prompts apart than ({','.join(f'{a}:{b}' for a, b in contrast)})"
     return None
 
 
@@ -1086,8 +1095,9 @@ def reword(text: str, rng: np.random.Generator) -> str:
 def lm_batch(
     codes: np.ndarray, labels: np.ndarray, prompts: list[str], cfg: LMTrainConfig, rng: np.random.Generator,
     weights: np.ndarray | None = None,
-) -> tuple[torch.Tensor, list[str]]:
-    """Random crops ``[B, K, frames]`` of the corpus and their (possibly reworded, or empty) prompts.
+) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    """Random crops ``[B, K, frames]`` of the corpus, their (possibly reworded, or empty) prompts, and their
+    prompt indices ``[B]`` (0-based).
 
     ``weights [P]`` (:func:`prompt_weights`) is each prompt's share of the crops; None draws every clip
     equally (as the corpus has the same number of clips of each prompt, every prompt too)."""
@@ -1107,7 +1117,30 @@ def lm_batch(
             texts.append(reword(prompts[labels[p]], rng))
         else:
             texts.append(prompts[labels[p]])
-    return torch.from_numpy(crop), texts
+    return torch.from_numpy(crop), texts, labels[pick]
+
+
+def contrast_texts(texts: list[str], picked: np.ndarray, prompts: list[str],
+                   pairs: Sequence[tuple[int, int]]) -> list[str | None] | None:
+    """The other prompt of each crop's ``pairs`` entry (1-based prompt numbers, both ways round), or None
+    for a crop with no pair or trained without text; None when no crop has one. ``picked [B]``: the crops'
+    0-based prompt indices (:func:`lm_batch`)."""
+    other = pair_map(pairs, len(prompts))
+    out = [prompts[other[int(p)]] if t and int(p) in other else None for t, p in zip(texts, picked)]
+    return out if any(out) else None
+
+
+def pair_map(pairs: Sequence[tuple[int, int]], count: int) -> dict[int, int]:
+    """``pairs`` (1-based prompt numbers) as 0-based prompt -> its other prompt, both ways round (a prompt in
+    two pairs keeps its first); a number out of range or a prompt paired with itself is a TrainError."""
+    other: dict[int, int] = {}
+    for a, b in pairs:
+        if not (1 <= a <= count and 1 <= b <= count) or a == b:
+            raise TrainError(f"contrast pair {a}:{b}: prompts are numbered 1 to {count} (prompts.txt's lines), "
+                             "and a pair names two different ones")
+        other.setdefault(a - 1, b - 1)
+        other.setdefault(b - 1, a - 1)
+    return other
 
 
 def corrupt(inputs: torch.Tensor, fraction: float, card: int, rng: np.random.Generator) -> torch.Tensor:
@@ -1123,6 +1156,8 @@ def corrupt(inputs: torch.Tensor, fraction: float, card: int, rng: np.random.Gen
 def lm_loss(
     lm: LM, text: TextEncoder, tok: WordTokenizer, codes: torch.Tensor, texts: list[str], window: int,
     noise: float = 0.0, rng: np.random.Generator | None = None, self_feed: float = 0.0,
+    contrast: list[str | None] | None = None, margin: float = 0.25, contrast_weight: float = 1.0,
+    terms: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Next-column cross-entropy on the delayed grid; returns (mean loss, per-codebook losses).
 
@@ -1135,6 +1170,12 @@ def lm_loss(
     the LM's own prediction given the true context, and that fraction of the input codes is replaced by
     those samples before the training pass, so that the LM learns to go on from contexts of its own making
     (at run time it never sees a true one). Costs one more forward pass per step.
+
+    ``contrast`` (:func:`contrast_texts`): for each crop, another prompt or None. The crops that have one
+    are scored again under it, and ``contrast_weight`` times :func:`text_margin_loss` is added: a crop's
+    codes should cost ``margin`` nats a code more under the other prompt than under its own, so that the
+    prompt, not only the context, decides which of two close families the LM goes on with. Its mean gap
+    (nats a code) goes into ``terms["margin"]``. Costs a forward pass of those crops.
     """
     special = lm.cfg.special
     delays = list(range(lm.cfg.n_codebooks))
@@ -1164,7 +1205,38 @@ def lm_loss(
         F.cross_entropy(logits[:, k].reshape(-1, lm.cfg.card), target[:, k].reshape(-1), ignore_index=-100)
         for k in range(lm.cfg.n_codebooks)
     ]
-    return torch.stack(per_book).mean(), [float(v.detach()) for v in per_book]
+    loss = torch.stack(per_book).mean()
+    if contrast is not None and any(contrast):
+        rows = torch.tensor([i for i, c in enumerate(contrast) if c], device=codes.device)
+        other_tokens, other_mask = tok([c for c in contrast if c])
+        other_tokens, other_mask = other_tokens.to(codes.device), other_mask.to(codes.device)
+        other = lm(inputs[rows], text(other_tokens, other_mask), other_mask, window=window)
+        hinge, gap = text_margin_loss(logits[rows], other, target[rows], margin)
+        loss = loss + contrast_weight * hinge
+        if terms is not None:
+            terms["margin"] = gap
+    return loss, [float(v.detach()) for v in per_book]
+
+
+def code_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of each sequence's codes ``[B]``, nats a code: ``logits [B, K, T, card]``,
+    ``target [B, K, T]`` with -100 where nothing is scored (the delay pattern's fill)."""
+    nll = F.cross_entropy(logits.permute(0, 3, 1, 2), target, ignore_index=-100, reduction="none")  # [B, K, T]
+    scored = (target != -100).to(nll.dtype)
+    return (nll * scored).sum((1, 2)) / scored.sum((1, 2)).clamp(min=1)
+
+
+def text_margin_loss(own: torch.Tensor, other: torch.Tensor, target: torch.Tensor,
+                     margin: float) -> tuple[torch.Tensor, float]:
+    """Hinge on how much more a sequence's codes cost under another prompt than under its own.
+
+    ``own``, ``other``: logits ``[B, K, T, card]`` of the same inputs under the sequence's prompt and under
+    the other one; ``target [B, K, T]`` as in :func:`code_nll`. Returns (the mean of
+    ``max(0, margin - gap)``, the mean gap in nats a code). A gap at or past the margin costs nothing, so
+    the LM is not pushed to make the other prompt's continuation absurd, only clearly less likely.
+    """
+    gap = code_nll(other, target) - code_nll(own, target)  # [B]
+    return F.relu(margin - gap).mean(), float(gap.detach().mean())
 
 
 def train_lm(
@@ -1208,6 +1280,8 @@ def train_lm(
                          "pass --fresh to train the LM again on this codec")
 
     prompts = data.prompts()
+    weights = prompt_weights(cfg.focus, cfg.focus_weight, len(prompts))  # bad numbers fail before the corpus
+    pair_map(cfg.contrast, len(prompts))
     held = f"-h{cfg.hysteresis:g}" if cfg.hysteresis else ""
     corpus_path = Path(corpus_dir or out) / f"corpus-{digest}-{cfg.seed}-{cfg.corpus_clips}x{cfg.corpus_seconds:g}s{held}.npz"
     if corpus_path.exists():
@@ -1219,7 +1293,6 @@ def train_lm(
     if codes.shape[-1] < cfg.frames:
         raise TrainError(f"corpus clips have {codes.shape[-1]} frames, fewer than --frames {cfg.frames}")
 
-    weights = prompt_weights(cfg.focus, cfg.focus_weight, len(prompts))
     source = None
     if state is None and init is not None:
         source = _lm_source(init)
@@ -1262,10 +1335,14 @@ def train_lm(
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11, step]))
-        batch, texts = lm_batch(codes, labels, prompts, cfg, rng, weights)
+        batch, texts, picked = lm_batch(codes, labels, prompts, cfg, rng, weights)
+        terms: dict[str, float] = {}
         loss, per_book = lm_loss(lm, text, tok, batch.to(dev), texts, window=cfg.context, noise=cfg.context_noise,
-                                 rng=rng, self_feed=cfg.self_feed)
-        return loss, dict(ce=float(loss.detach()), **{f"ce{k}": v for k, v in enumerate(per_book)})
+                                 rng=rng, self_feed=cfg.self_feed,
+                                 contrast=contrast_texts(texts, picked, prompts, cfg.contrast),
+                                 margin=cfg.contrast_margin, contrast_weight=cfg.contrast_weight, terms=terms)
+        ce = float(np.mean(per_book))
+        return loss, dict(ce=ce, **{f"ce{k}": v for k, v in enumerate(per_book)}, **terms)
 
     saved = loop.run(cfg, opt, params, 1.0, step_fn, checkpoint, quiet)
     return record if saved or state is None else state["record"]
@@ -1531,7 +1608,8 @@ def run_cli(args: Any) -> int:
         out = args.runs / "lm" if args.stage == "all" else args.out
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         cfg = _overrides(LMTrainConfig(), args, (*common, "context", "corpus_clips", "hysteresis", "context_noise",
-                                                   "cfg_dropout", "self_feed", "focus", "focus_weight"))
+                                                   "cfg_dropout", "self_feed", "focus", "focus_weight",
+                                                   "contrast", "contrast_weight", "contrast_margin"))
         if getattr(args, "text_input", None) is not None:
             cfg.lm["text_input"] = args.text_input
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command,
@@ -1577,11 +1655,13 @@ def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Pat
                   cfg=ProbeConfig())
     print(summary(heard))
     out = runs / "lm_focus"
-    cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"])), args, common)
+    pairs = tuple(tuple(p) for p in heard["focus"].get("contrast", ()))
+    cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"]), contrast=pairs), args, common)
     rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device,
-                   fresh=_start_again(args, out / CHECKPOINT, base_lm, "lm", cfg.focus),
+                   fresh=_start_again(args, out / CHECKPOINT, base_lm, "lm", cfg.focus, cfg.contrast),
                    command=command, init=base_lm, sized_like_init=True, corpus_dir=runs / "lm")
-    print(f"lm focus ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}): step {rec['step']}, "
+    told = "; contrast " + ",".join(f"{a}:{b}" for a, b in cfg.contrast) if cfg.contrast else ""
+    print(f"lm focus ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}{told}): step {rec['step']}, "
           f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
     out_dec = runs / "decoder_focus"
     dcfg = _overrides(DecoderTrainConfig.focus_tune(heard["focus"]["decoder"]), args, common)
@@ -1593,9 +1673,10 @@ def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Pat
     return out / CHECKPOINT, out_dec / CHECKPOINT
 
 
-def _start_again(args: Any, checkpoint: Path, init: Path, stage: str, focus: Sequence[int]) -> bool:
+def _start_again(args: Any, checkpoint: Path, init: Path, stage: str, focus: Sequence[int],
+                 contrast: Sequence[Sequence[int]] = ()) -> bool:
     """Whether a focus fine-tune starts fresh: ``--fresh``, or :func:`restart_reason` says so (with a warning)."""
-    why = None if args.fresh else restart_reason(checkpoint, init, stage, focus)
+    why = None if args.fresh else restart_reason(checkpoint, init, stage, focus, contrast)
     if why:
         log.warning("%s; the %s's focus fine-tune starts again", why, "LM" if stage == "lm" else stage)
     return bool(args.fresh or why)

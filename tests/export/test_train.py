@@ -173,7 +173,7 @@ def test_lm_training_lowers_the_loss(runs: Path) -> None:
     from export.conditioner import TextEncoder, TextEncoderConfig
     from export.lm import LM
 
-    batch, texts = train.lm_batch(codes, labels, data.prompts(), cfg, np.random.default_rng(123))
+    batch, texts, _ = train.lm_batch(codes, labels, data.prompts(), cfg, np.random.default_rng(123))
     torch.manual_seed(cfg.seed)
     fresh_lm, fresh_text = LM(lm.cfg).eval(), TextEncoder(TextEncoderConfig(**dataclasses.asdict(text.cfg))).eval()
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_self_feed_puts_the_lms_own_samples_in_its_input(runs: Path) -> None:
     cfg = train.LMTrainConfig(**rec["config"])
     corpus = next((runs / "lm").glob("corpus-*.npz"))
     with np.load(corpus) as z:
-        batch, texts = train.lm_batch(z["codes"], z["labels"], data.prompts(), cfg, np.random.default_rng(5))
+        batch, texts, _ = train.lm_batch(z["codes"], z["labels"], data.prompts(), cfg, np.random.default_rng(5))
     seen: list[torch.Tensor] = []
 
     class Spy(torch.nn.Module):
@@ -226,6 +226,77 @@ def test_self_feed_puts_the_lms_own_samples_in_its_input(runs: Path) -> None:
         seen.clear()
         train.lm_loss(Spy(), text, tok, batch, texts, window=cfg.context, rng=np.random.default_rng(1))
         assert len(seen) == 1  # off: one pass
+
+
+def test_contrast_texts_pair_each_crop_with_the_other_prompt_both_ways_round() -> None:
+    from export import data
+
+    prompts = data.prompts()
+    texts = ["a clip of 5", "a clip of 14", "", "a clip of 3", "a clip of 19"]
+    picked = np.array([4, 13, 4, 2, 18])
+    assert train.contrast_texts(texts, picked, prompts, [(5, 14), (19, 4)]) == [
+        prompts[13], prompts[4], None, None, prompts[3]]  # a crop trained without text has no other prompt
+    assert train.contrast_texts(texts, picked, prompts, [(7, 8)]) is None  # no crop of a pair: no extra pass
+    assert train.contrast_texts(texts, picked, prompts, ()) is None
+    for bad in ([(5, 5)], [(5, 23)], [(0, 3)]):
+        with pytest.raises(train.TrainError, match="numbered 1 to 22"):
+            train.contrast_texts(texts, picked, prompts, bad)
+
+
+def test_text_margin_loss_is_a_hinge_on_the_gap_between_the_two_prompts() -> None:
+    target = torch.tensor([[[0, 1, -100]], [[1, 1, 0]]])  # [B=2, K=1, T=3]; -100 is not scored
+    sure = torch.full((2, 1, 3, 2), -20.0)
+    sure.scatter_(-1, target.clamp(min=0)[..., None], 20.0)  # certain of every target
+    unsure = torch.zeros(2, 1, 3, 2)  # ln 2 a code
+    nll = train.code_nll(unsure, target)
+    assert torch.allclose(nll, torch.full((2,), np.log(2)))
+    hinge, gap = train.text_margin_loss(sure, unsure, target, margin=0.25)
+    assert float(hinge) == 0.0 and abs(gap - np.log(2)) < 1e-4  # past the margin: no cost
+    hinge, gap = train.text_margin_loss(unsure, unsure, target, margin=0.25)
+    assert abs(float(hinge) - 0.25) < 1e-6 and gap == 0.0
+    own = unsure.clone().requires_grad_()
+    other = unsure.clone().requires_grad_()
+    train.text_margin_loss(own, other, target, margin=0.25)[0].backward()
+    # The hinge lowers the cost under the sequence's own prompt and raises it under the other one.
+    picked = own.grad.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    assert float(picked[target != -100].max()) < 0 and float(own.grad[0, 0, 2].abs().sum()) == 0
+    assert float(other.grad.gather(-1, target.clamp(min=0)[..., None])[..., 0][target != -100].min()) > 0
+
+
+def test_lm_loss_with_contrast_scores_the_paired_crops_under_the_other_prompt(runs: Path) -> None:
+    from export import data
+
+    lm, text, tok, rec = train.load_lm(runs / "lm" / train.CHECKPOINT)
+    cfg = train.LMTrainConfig(**rec["config"])
+    corpus = next((runs / "lm").glob("corpus-*.npz"))
+    with np.load(corpus) as z:
+        batch, texts, picked = train.lm_batch(z["codes"], z["labels"], data.prompts(), cfg,
+                                              np.random.default_rng(5))
+    texts = [t or "x" for t in texts]
+    pairs = [(int(picked[0]) + 1, int(picked[0]) + 2 if picked[0] < 21 else 1)]
+    contrast = train.contrast_texts(texts, picked, data.prompts(), pairs)
+    rows = [i for i, c in enumerate(contrast or []) if c]
+    assert rows and rows[0] == 0
+    calls: list[int] = []
+
+    class Count(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cfg = lm.cfg
+
+        def forward(self, inputs: torch.Tensor, cross: torch.Tensor, mask: torch.Tensor, window: int
+                    ) -> torch.Tensor:
+            calls.append(len(inputs))
+            return lm(inputs, cross, mask, window=window)
+
+    terms: dict[str, float] = {}
+    with torch.no_grad():
+        plain, books = train.lm_loss(Count(), text, tok, batch, texts, window=cfg.context)
+        both, books2 = train.lm_loss(Count(), text, tok, batch, texts, window=cfg.context, contrast=contrast,
+                                     margin=10.0, contrast_weight=1.0, terms=terms)
+    assert calls == [len(batch), len(batch), len(rows)]  # one more pass, of the paired crops only
+    assert books == books2 and "margin" in terms
+    assert abs(float(both) - float(plain) - (10.0 - terms["margin"])) < 1e-4  # the whole gap is under 10 nats
 
 
 def test_corrupt_replaces_a_fraction_of_the_codes_never_the_special_token() -> None:
@@ -531,7 +602,8 @@ def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypat
 
     def heard(folder, **kw):
         calls.append(("probe", dict(out=Path(folder), **kw)))
-        return dict(focus=dict(lm=[5, 2], decoder=[16, 7, 21]), text_match_mean=0.8, text_match_min=0.0,
+        return dict(focus=dict(lm=[5, 2], decoder=[16, 7, 21], contrast=[[5, 14], [2, 6]]), text_match_mean=0.8,
+                    text_match_min=0.0,
                     codec_recognised=0.9)
 
     for name in ("codec", "lm", "decoder"):
@@ -559,6 +631,7 @@ def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypat
     assert lm_focus["codec_checkpoint"] == runs / "codec" / ckpt
     cfg = lm_focus["cfg"]
     assert (tuple(cfg.focus), cfg.focus_weight, cfg.steps, cfg.lr, cfg.seed) == ((5, 2), 3.0, 1000, 1e-4, 3)
+    assert cfg.contrast == ((5, 14), (2, 6))  # told apart from what the probe heard them as
     # the decoder's, from the decoder stage's checkpoint
     assert dec_focus["out"] == runs / "decoder_focus" and dec_focus["init"] == runs / "decoder" / ckpt
     dcfg = dec_focus["cfg"]
@@ -567,8 +640,9 @@ def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypat
     assert packed["decoder_checkpoint"] == runs / "decoder_focus" / ckpt
     assert packed["lm_checkpoint"] == runs / "lm_focus" / ckpt
     printed = capsys.readouterr().out
-    assert "decoder: step 1" in printed and "lm focus (5,2 x3): step 1" in printed
-    assert "decoder focus (16,7,21 x4): step 1" in printed and "LM focus (5,2), decoder focus (16,7,21)" in printed
+    assert "decoder: step 1" in printed and "lm focus (5,2 x3; contrast 5:14,2:6): step 1" in printed
+    assert "decoder focus (16,7,21 x4): step 1" in printed
+    assert "LM focus (5,2; contrast 5:14,2:6), decoder focus (16,7,21)" in printed
 
 
 def test_the_focus_stage_shares_the_corpus_and_restarts_when_its_lm_trained_on(tmp_path: Path) -> None:
@@ -589,6 +663,7 @@ def test_the_focus_stage_shares_the_corpus_and_restarts_when_its_lm_trained_on(t
     assert list(focus.glob("corpus-*")) == [] and len(list(lm.glob("corpus-*"))) == 1
     assert train.restart_reason(ckpt, base, "lm", (5, 7)) is None
     assert "other prompts than (2,5)" in train.restart_reason(ckpt, base, "lm", (2, 5))
+    assert "told other prompts apart than (5:14)" in train.restart_reason(ckpt, base, "lm", (5, 7), [(5, 14)])
     train.train_lm(lm, tiny_lm_cfg(3), codec_checkpoint=codec / train.CHECKPOINT, device="cpu", quiet=True)
     assert "fine-tuned from an earlier" in train.restart_reason(ckpt, base, "lm", (5, 7))  # the LM trained on
 
@@ -905,14 +980,15 @@ def test_lm_focus_draws_the_named_prompts_more_often() -> None:
     weights = train.prompt_weights(cfg.focus, cfg.focus_weight)
     drawn = []
     for seed in range(40):
-        batch, _ = train.lm_batch(codes, labels, data.prompts(), cfg, np.random.default_rng(seed), weights)
+        batch, _, picked = train.lm_batch(codes, labels, data.prompts(), cfg, np.random.default_rng(seed), weights)
         drawn += [int(labels[c]) for c in batch[:, 0, 0]]
+        assert picked.tolist() == [int(labels[c]) for c in batch[:, 0, 0]]
     share = np.bincount(drawn, minlength=22) / len(drawn)
     focused, rest = share[[4, 6]].mean(), np.delete(share, [4, 6]).mean()
     assert 2.4 < focused / rest < 3.6, (focused, rest)  # 3 expected, from 2560 crops
     plain = train.LMTrainConfig(batch=8, frames=4)
-    a, ta = train.lm_batch(codes, labels, data.prompts(), plain, np.random.default_rng(3))
-    b, tb = train.lm_batch(codes, labels, data.prompts(), plain, np.random.default_rng(3), None)
+    a, ta, _ = train.lm_batch(codes, labels, data.prompts(), plain, np.random.default_rng(3))
+    b, tb, _ = train.lm_batch(codes, labels, data.prompts(), plain, np.random.default_rng(3), None)
     assert torch.equal(a, b) and ta == tb
 
 
@@ -926,10 +1002,11 @@ def test_cli_fine_tunes_a_packs_lm(base_pack: Path, tiny_pack_dir: Path, tmp_pat
     lm = tmp_path / "lm"
     assert main(["train", "lm", "--codec", str(base_pack), "--init", str(base_pack), "--corpus-clips", "1",
                  "--steps", "1", "--batch", "2", "--threads", "1", "--focus", "5,7", "--focus-weight", "3",
-                 "--lr", "1e-9", "--out", str(lm)]) == 0
+                 "--contrast", "5:14, 7:1", "--contrast-margin", "0.5", "--lr", "1e-9", "--out", str(lm)]) == 0
     assert "lm: step 1" in capsys.readouterr().out
     state = torch.load(lm / train.CHECKPOINT, weights_only=False)
     assert tuple(state["config"]["focus"]) == (5, 7) and state["config"]["focus_weight"] == 3.0
+    assert state["config"]["contrast"] == ((5, 14), (7, 1)) and state["config"]["contrast_margin"] == 0.5
     init = state["record"]["init"]
     assert init["pack"] == str(base_pack) and init["step"] == 6 and "checkpoint" not in init
     start, _, _, _ = lm_from_pack(packfmt.load(base_pack), check=False)
@@ -944,6 +1021,12 @@ def test_cli_fine_tunes_a_packs_lm(base_pack: Path, tiny_pack_dir: Path, tmp_pat
     assert main(["train", "lm", "--codec", str(base_pack), "--focus", "23", "--corpus-clips", "1", "--steps", "1",
                  "--threads", "1", "--out", str(tmp_path / "lm3")]) == 1
     assert "numbered 1 to 22" in capsys.readouterr().err
+    assert main(["train", "lm", "--codec", str(base_pack), "--contrast", "5:23", "--corpus-clips", "1",
+                 "--steps", "1", "--batch", "22", "--threads", "1", "--out", str(tmp_path / "lm4")]) == 1
+    assert "contrast pair 5:23: prompts are numbered 1 to 22" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "lm", "--contrast", "5-14"])
+    assert "expected pairs of prompt numbers like 5:14,2:4" in capsys.readouterr().err
 
 
 def test_sigterm_stops_a_training_run_with_its_checkpoint_saved(tmp_path: Path) -> None:
