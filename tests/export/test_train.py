@@ -134,7 +134,15 @@ def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     assert train.saved_config("decoder", {"steps": 5})["learned_lock"] is False
     assert train.saved_config("decoder", {"steps": 5})["focus_weight"] == 1.0
     assert train.saved_config("decoder", {"flux_weight": 1.0})["flux_weight"] == 1.0  # a saved weight stays
-    assert train.saved_config("lm", {"steps": 5}) == {"steps": 5, "context_noise": 0.0, "self_feed": 0.0}
+    # ... and an LM run from before the contrast told no prompts apart
+    assert train.saved_config("lm", {"steps": 5}) == {
+        "steps": 5,
+        "context_noise": 0.0,
+        "self_feed": 0.0,
+        "contrast": (),
+        "contrast_weight": 1.0,
+        "contrast_margin": 0.25,
+    }
     assert train.saved_config("lm", {"context_noise": 0.2})["context_noise"] == 0.2
 
 
