@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pairs of prompts the LM must tell apart by their text (a prompt and the one `cicada eval` "
                         "hears its clips as): each pair's clips are scored under the other prompt too, and must "
                         "cost --contrast-margin nats a code more there (one more forward pass of those clips; "
-                        "default: none)")
+                        "default: none; it did not raise text match where measured: docs/training.md)")
     p.add_argument("--contrast-weight", type=_nonnegative, default=None,
                    help="weight of the --contrast hinge against the cross-entropy (default 1)")
     p.add_argument("--contrast-margin", type=_positive(float), default=None,

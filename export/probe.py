@@ -22,8 +22,9 @@ Example: probe clips and reconstructions of five prompts (3 each; the number is 
 
     -> lm focus (5, 2), decoder focus (5, 7, 16): the most-missed first, at most ``lm_max`` / ``decoder_max``
        (the LM's by how much more its clips miss than the reconstructions, then by its own misses);
-       lm contrast (5:14, 2:6): each LM prompt with the prompt its clips are most often heard as, which the
-       LM's fine-tune learns to tell it from by the text (``export.train.text_margin_loss``).
+       mistaken for (5:14, 2:6): each LM prompt with the prompt its clips are most often heard as. Only
+       reported: ``cicada train lm --contrast 5:14`` trains on it, which did not help (docs/training.md,
+       "Telling 5 from 14 by the text").
 
 The probe's seeds are not those docs/training.md scores packs with (clips 0, 10, 20, 30; the held-out
 codec clips of ``export.data.HELDOUT_SEED``), so the choice is not made on the clips that judge it.
@@ -68,7 +69,7 @@ class Focus:
 
     lm: tuple[int, ...]
     decoder: tuple[int, ...]
-    contrast: tuple[tuple[int, int], ...] = ()  # (LM prompt, the prompt its clips are most often heard as)
+    mistaken_for: tuple[tuple[int, int], ...] = ()  # (LM prompt, the prompt its clips are most often heard as)
 
 
 def choose_focus(confusion: np.ndarray, heard_as: dict[int, list[int]], lm_max: int = 4,
@@ -79,7 +80,7 @@ def choose_focus(confusion: np.ndarray, heard_as: dict[int, list[int]], lm_max: 
     ``heard_as``: 0-based prompt index -> the labels of its reconstructions. A prompt with reconstructions
     heard as another goes to the decoder (most missed first); one whose clips are heard as another more
     often than its reconstructions, to the LM (the largest excess first, then the most missed), paired in
-    ``contrast`` with the prompt its clips are most often heard as. Ties go to the lower prompt number.
+    ``mistaken_for`` with the prompt its clips are most often heard as. Ties go to the lower prompt number.
     """
     confusion = np.asarray(confusion)
     codec_missed = {i: sum(lab != i for lab in labs) / len(labs) for i, labs in heard_as.items() if labs}
@@ -92,9 +93,9 @@ def choose_focus(confusion: np.ndarray, heard_as: dict[int, list[int]], lm_max: 
 
     lm = worst({i: (e, clip_missed[i]) for i, e in excess.items() if e > 1e-9}, lm_max)
     wrong = [confusion[p - 1] * (np.arange(len(confusion)) != p - 1) for p in lm]
-    contrast = tuple((p, int(np.argmax(row)) + 1) for p, row in zip(lm, wrong) if row.any())
+    mistaken_for = tuple((p, int(np.argmax(row)) + 1) for p, row in zip(lm, wrong) if row.any())
     return Focus(lm=lm, decoder=worst({i: (m,) for i, m in codec_missed.items() if m > 0}, decoder_max),
-                 contrast=contrast)
+                 mistaken_for=mistaken_for)
 
 
 def _inputs(codec: Path, lm: Path, decoder: Path, cfg: ProbeConfig) -> dict[str, Any]:
@@ -161,7 +162,7 @@ def _with_focus(record: dict[str, Any], cfg: ProbeConfig) -> dict[str, Any]:
     heard = {int(k) - 1: [x - 1 for x in labs] for k, labs in record["codec_heard_as"].items()}
     focus = choose_focus(np.asarray(record["confusion"]), heard, cfg.lm_max, cfg.decoder_max)
     return dict(record, focus=dict(lm=list(focus.lm), decoder=list(focus.decoder),
-                                   contrast=[list(p) for p in focus.contrast]))
+                                   mistaken_for=[list(p) for p in focus.mistaken_for]))
 
 
 def summary(record: dict[str, Any]) -> str:
@@ -169,7 +170,7 @@ def summary(record: dict[str, Any]) -> str:
     names = ",".join
     return (f"probe: text match {record['text_match_mean']:.2f} (min {record['text_match_min']:.2f}), codec "
             f"recognised {record['codec_recognised']:.2f}; LM focus ({names(map(str, record['focus']['lm'])) or '-'}; "
-            f"contrast {names(f'{a}:{b}' for a, b in record['focus'].get('contrast', [])) or '-'}), "
+            f"heard as {names(f'{a}:{b}' for a, b in record['focus'].get('mistaken_for', [])) or '-'}), "
             f"decoder focus ({names(map(str, record['focus']['decoder'])) or '-'})")
 
 

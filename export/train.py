@@ -228,7 +228,9 @@ class LMTrainConfig:
     focus_weight: float = 1.0  # (prompt_weights): for a fine-tune (--init) on the prompts the LM confuses
     contrast: tuple[tuple[int, int], ...] = ()  # prompt pairs (1-based) the LM must tell apart by their text:
     # each pair's clips are also scored under the other prompt, and a hinge asks for contrast_margin nats a
-    # code more there than under their own (text_margin_loss; both ways round)
+    # code more there than under their own (text_margin_loss; both ways round). Not in train all: 5:14 at margin
+    # 0.5 opened the gap to 1 nat a code and left the free-running clips as they were (docs/training.md,
+    # "Telling 5 from 14 by the text")
     contrast_weight: float = 1.0
     contrast_margin: float = 0.25
     lm: dict[str, Any] = field(
@@ -1655,13 +1657,11 @@ def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Pat
                   cfg=ProbeConfig())
     print(summary(heard))
     out = runs / "lm_focus"
-    pairs = tuple(tuple(p) for p in heard["focus"].get("contrast", ()))
-    cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"]), contrast=pairs), args, common)
+    cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"])), args, common)
     rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device,
                    fresh=_start_again(args, out / CHECKPOINT, base_lm, "lm", cfg.focus, cfg.contrast),
                    command=command, init=base_lm, sized_like_init=True, corpus_dir=runs / "lm")
-    told = "; contrast " + ",".join(f"{a}:{b}" for a, b in cfg.contrast) if cfg.contrast else ""
-    print(f"lm focus ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}{told}): step {rec['step']}, "
+    print(f"lm focus ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}): step {rec['step']}, "
           f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
     out_dec = runs / "decoder_focus"
     dcfg = _overrides(DecoderTrainConfig.focus_tune(heard["focus"]["decoder"]), args, common)

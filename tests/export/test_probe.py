@@ -30,7 +30,7 @@ def test_the_codec_s_losses_go_to_the_decoder_the_lm_s_own_to_the_lm() -> None:
     confusion = _confusion({1: [5, 5, 1], 4: [13, 13, 13], 6: [0, 6, 6], 15: [15, 15, 15]})
     heard = {i: [i, i, i] for i in range(22)} | {4: [4, 4, 13], 6: [6, 0, 6], 15: [12, 15, 15]}
     assert probe.choose_focus(confusion, heard) == probe.Focus(lm=(5, 2), decoder=(5, 7, 16),
-                                                               contrast=((5, 14), (2, 6)))
+                                                               mistaken_for=((5, 14), (2, 6)))
 
 
 def test_the_most_missed_come_first_and_the_lists_are_capped() -> None:
@@ -39,7 +39,7 @@ def test_the_most_missed_come_first_and_the_lists_are_capped() -> None:
     focus = probe.choose_focus(confusion, heard, lm_max=3, decoder_max=2)
     assert focus.lm == (4, 5, 10)  # 3 of 3 missed, then the 2-of-3s (5 and 10); the 1-of-3s are cut, and
     #                                11, 12, 13, 21 miss no clip: their reconstructions are the decoder's
-    assert focus.contrast == ((4, 2), (5, 2), (10, 3))  # each with the prompt it is heard as most
+    assert focus.mistaken_for == ((4, 2), (5, 2), (10, 3))  # each with the prompt it is heard as most
     assert focus.decoder == (12, 11)  # 2 of 2, then the first of the 1-of-2s
     assert probe.choose_focus(_confusion({}), {i: [i] for i in range(22)}) == probe.Focus(lm=(), decoder=())
 
@@ -70,7 +70,7 @@ def test_probe_packs_listens_and_caches(runs: Path, tmp_path: Path, small_classi
     assert len(heard) == 22 and all(len(v) == 1 for v in heard.values())
     focus = probe.choose_focus(confusion, heard, cfg.lm_max, cfg.decoder_max)
     assert rec["focus"] == dict(lm=list(focus.lm), decoder=list(focus.decoder),
-                                contrast=[list(p) for p in focus.contrast])
+                                mistaken_for=[list(p) for p in focus.mistaken_for])
     assert json.loads((folder / probe.PROBE_FILE).read_text()) == rec
     assert "LM focus (" in probe.summary(rec)
 
