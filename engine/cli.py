@@ -564,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "hum must come out steady (default 3)")
     p.add_argument("--envelope-weight", type=_nonnegative, default=None,
                    help="the same on the audio after the overlap-add, in 4-ms frames (default 3)")
+    p.add_argument("--peak-weight", type=_nonnegative, default=None,
+                   help="weight of where each partial under 1 kHz lies inside its 25-Hz bin (the magnitude tilt "
+                        "across its peak against the target's), so a glide does not come out in steps (default 0)")
     p.add_argument("--phase-start", choices=["zero", "alternate"], default=None,
                    help="where the decoder's bins start their accumulated phase: alternate (pi in every odd "
                         "bin, which brings a low steady tone back at its level; the default) or zero (the "

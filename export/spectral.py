@@ -385,12 +385,13 @@ def frame_targets(decoder: SpectralDecoder, audio: torch.Tensor) -> tuple[torch.
 
 def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor,
                 spectrum: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-                bands: bool = True) -> dict[str, torch.Tensor]:
+                bands: bool = True, peaks: bool = False) -> dict[str, torch.Tensor]:
     """Per-bin supervision of the decoder's frames: ``"magnitude"`` (log-magnitude L1), ``"phase"``
     (magnitude-weighted phase-advance loss), for linked stereo ``"ipd"`` (the inter-channel phase
     difference, weighted by the geometric mean of the two channels' magnitudes), with ``learned_lock``
     ``"lock"`` (the lock share's binary cross-entropy against :func:`lock_targets`, weighted by each
-    non-peak bin's share of their magnitude), and the band terms of :func:`band_losses` (``"band"``, ``"flux"``).
+    non-peak bin's share of their magnitude), the band terms of :func:`band_losses` (``"band"``, ``"flux"``) and
+    with ``peaks`` :func:`peak_loss` (``"peak"``).
 
     Much easier to learn from than the waveform alone: every bin of every frame gets its own target. The
     phase terms are ``1 - cos(predicted - true)`` weighted by each bin's share of its frame's magnitude,
@@ -420,7 +421,45 @@ def direct_loss(decoder: SpectralDecoder, z: torch.Tensor, audio: torch.Tensor,
         out["ipd"] = (((1.0 - torch.cos(ipd - true_ipd)) * w).sum(-1) * mask).mean() / mask.mean()
     if bands:
         out.update(band_losses(band_filters(decoder.cfg.sample_rate, decoder.cfg.n_fft).to(m.device), m, mag, mask))
+    if peaks:
+        out["peak"] = peak_loss(m, mag, mask)
     return out
+
+
+PEAK_BINS = 40
+"""The low bins :func:`peak_loss` looks for partials in (40 of 25 Hz: up to 1 kHz)."""
+
+PEAK_FLOOR = 3.45
+"""How far under a frame's loudest low bin a peak still counts, in nats (30 dB)."""
+
+
+def peak_loss(log_mag: torch.Tensor, true_mag: torch.Tensor, mask: torch.Tensor, bins: int = PEAK_BINS,
+              floor: float = PEAK_FLOOR) -> torch.Tensor:
+    """Where each low partial lies inside its bin: L1 between the predicted and true log-magnitude *tilt*
+    ``m[k+1] - m[k-1]`` across every true peak ``k`` of the first ``bins`` bins, weighted by the peak's
+    magnitude relative to the frame's loudest (peaks more than ``floor`` nats under it are left out).
+
+    ``log_mag [B, C, F, N]`` predicted log magnitudes, ``true_mag [B, C, F, N]`` target magnitudes,
+    ``mask [F]`` frames wholly inside the audio. A partial at 160-300 Hz sits in bins 25 Hz wide (1.4-2.5
+    semitones); its place inside the bin lives only in the ratio of the magnitudes around the peak, which
+    the per-bin L1 weighs like any other bin. A decoder that misses it holds a gliding partial in one bin and
+    then jumps to the next, so a glide is heard as steps (docs/training.md, "Telling 5 from 14 by the text").
+
+        true |X| around a peak k        tilt = log|X[k+1]| - log|X[k-1]|
+           k-1   k   k+1
+            .    #    .                 0      (the partial at the bin's centre)
+            .    #    #                 > 0    (between k and k+1)
+            #    #    .                 < 0    (between k-1 and k)
+    """
+    t = torch.log(true_mag[..., : bins + 1] + 1e-5)
+    p = log_mag[..., : bins + 1]
+    centre, left, right = t[..., 1:-1], t[..., :-2], t[..., 2:]
+    loud = t.amax(-1, keepdim=True)
+    peak = (centre > left) & (centre >= right) & (centre > loud - floor)
+    w = peak * torch.exp(centre - loud)  # [B, C, F, bins - 1]
+    miss = ((p[..., 2:] - p[..., :-2]) - (right - left)).abs()
+    per_frame = (miss * w).sum(-1) / w.sum(-1).clamp_min(1e-7)  # [B, C, F]
+    return (per_frame * mask).mean() / mask.mean()
 
 
 BANDS = 32

@@ -130,7 +130,7 @@ LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"context_noise": 0.0, "self_feed": 0.0, "contrast": (), "contrast_weight": 1.0, "contrast_margin": 0.25},
     "decoder": {"stereo_weight": 0.0, "stereo_phase": "independent", "band_weight": 0.0, "flux_weight": 0.0,
                 "envelope_weight": 0.0, "code_noise": 0.0, "phase_start": "zero", "focus": (), "focus_weight": 1.0,
-                "phase_lock": 0, "magnitude_gate": False, "learned_lock": False},
+                "phase_lock": 0, "magnitude_gate": False, "learned_lock": False, "peak_weight": 0.0},
 }
 """What a stage's saved config meant for fields it predates: a run resumes and loads as it was trained."""
 
@@ -179,6 +179,7 @@ class DecoderTrainConfig:
     learned_lock: bool = True  # spectral codec with phase_lock only: a learned per-bin share of the peak's
     #                            phase (spectral.locked_phases; a new head, started almost fully locked)
     lock_weight: float = 1.0  # weight of its per-bin target (spectral.lock_targets) with learned_lock
+    peak_weight: float = 0.0  # spectral codec only: where each low partial lies inside its bin (spectral.peak_loss)
     code_noise: float = 0.0  # fraction of the decoder's input codes replaced by random ones (the targets stay
     #                          the clean audio), so that it renders an LM's less certain codes as their family
     focus: tuple[int, ...] = (2, 16, 3)  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as
@@ -560,13 +561,15 @@ class LossWeights:
     flux: float = 0.0
     envelope: float = 0.0
     lock: float = 0.0
+    peak: float = 0.0
 
     @classmethod
     def of(cls, cfg: Any) -> LossWeights:
         """The weights a codec or decoder training config says."""
         return cls(cfg.wave_weight, cfg.magnitude_weight, cfg.phase_weight, cfg.stereo_weight,
                    getattr(cfg, "band_weight", 0.0), getattr(cfg, "flux_weight", 0.0),
-                   getattr(cfg, "envelope_weight", 0.0), getattr(cfg, "lock_weight", 0.0))
+                   getattr(cfg, "envelope_weight", 0.0), getattr(cfg, "lock_weight", 0.0),
+                   getattr(cfg, "peak_weight", 0.0))
 
 
 def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, latent: torch.Tensor, w: LossWeights
@@ -583,7 +586,7 @@ def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, latent:
         hop = codec.cfg.hop_length
         spectrum = codec.decoder.spectrum(latent)
         y = codec.decoder.synthesize(*spectrum)[..., : x.shape[-1]]
-        out.update(direct_loss(codec.decoder, latent, x, spectrum, bands=bool(w.band or w.flux)))
+        out.update(direct_loss(codec.decoder, latent, x, spectrum, bands=bool(w.band or w.flux), peaks=bool(w.peak)))
         xa, ya = x[..., hop:], y[..., hop:]
     else:
         y = codec.decoder(latent)[..., : x.shape[-1]]
@@ -596,7 +599,7 @@ def reconstruction_losses(codec: Codec | SpectralCodec, x: torch.Tensor, latent:
     out["total"] = (out["spectral"] + w.wave * out["wave"] + w.magnitude * out.get("magnitude", zero)
                     + w.phase * (out.get("phase", zero) + out.get("ipd", zero)) + w.band * out.get("band", zero)
                     + w.flux * out.get("flux", zero) + w.envelope * out.get("envelope", zero)
-                    + w.lock * out.get("lock", zero))
+                    + w.lock * out.get("lock", zero) + w.peak * out.get("peak", zero))
     for name in ("band", "flux"):  # reported only where they are trained on
         if not getattr(w, name):
             out.pop(name, None)
@@ -1624,7 +1627,7 @@ def run_cli(args: Any) -> int:
         codec = args.runs / "codec" / CHECKPOINT if args.stage == "all" else args.codec
         cfg = _overrides(DecoderTrainConfig(), args, (*common, "code_noise", "phase_start", "focus", "focus_weight",
                                                        "flux_weight", "envelope_weight", "phase_lock",
-                                                       "magnitude_gate", "learned_lock"))
+                                                       "magnitude_gate", "learned_lock", "peak_weight"))
         if cfg.phase_lock == 0 and getattr(args, "learned_lock", None) is None:
             cfg.learned_lock = False  # --phase-lock 0 turns the default learned lock off with it
         rec = train_decoder(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)

@@ -27,6 +27,7 @@ from export.spectral import (
     lock_regions,
     lock_targets,
     locked_phases,
+    peak_loss,
     start_phase,
 )
 
@@ -499,6 +500,42 @@ def test_band_flux_asks_a_steady_tone_to_stay_steady_and_noise_to_flutter() -> N
     fluttering_like_it = float(band_losses(fb, log(noise_b), noise_a, mask)["flux"])
     held_still = float(band_losses(fb, log(noise_a.mean(2, keepdim=True).expand_as(noise_a)), noise_a, mask)["flux"])
     assert fluttering_like_it < 0.5 * held_still
+
+
+def _tone_spectrum(where: float, frames: int = 12) -> torch.Tensor:
+    """|X| ``[1, 1, F, N]`` of a tone at ``where`` bins (the tiny decoder's frames)."""
+    cfg = tiny(1)
+    dec = SpectralCodec(cfg).decoder
+    t = torch.arange(frames * cfg.hop) / cfg.sample_rate
+    tone = (0.5 * torch.sin(2 * torch.pi * where * cfg.sample_rate / cfg.n_fft * t))[None, None]
+    return frame_targets(dec, tone)[0].abs()
+
+
+def test_peak_loss_hears_where_a_partial_lies_inside_its_bin() -> None:
+    """A tone 0.1 bin off costs less than one 0.4 bin off, in the same bin (so the per-bin loudest is the
+    same); the right place costs nothing, and so does a frame without a partial."""
+    true = _tone_spectrum(5.3)
+    mask = torch.ones(true.shape[2])
+    mask[-1] = 0.0
+    cost = {w: float(peak_loss(torch.log(_tone_spectrum(w) + 1e-5), true, mask)) for w in (5.3, 5.2, 5.0, 4.9)}
+    assert cost[5.3] < 1e-4 and 0.05 < cost[5.2] < cost[5.0] < cost[4.9], cost
+    silent = torch.zeros_like(true)
+    assert float(peak_loss(torch.log(silent + 1e-5), silent, mask)) == 0.0  # no peak: no cost, no NaN
+    # only the low bins count: a partial above them is left to the other terms
+    high = _tone_spectrum(14.3)
+    assert float(peak_loss(torch.log(_tone_spectrum(14.0) + 1e-5), high, mask, bins=10)) == 0.0
+
+
+def test_direct_loss_adds_the_peak_term_when_asked() -> None:
+    cfg = tiny(1)
+    codec = random_codec(cfg, seed=6)
+    audio = torch.randn(1, 1, 12 * cfg.hop) * 0.2
+    z = codec.encoder(audio)
+    assert "peak" not in direct_loss(codec.decoder, z, audio, bands=False)
+    losses = direct_loss(codec.decoder, z, audio, bands=False, peaks=True)
+    assert float(losses["peak"].detach()) > 0.0
+    losses["peak"].backward()
+    assert codec.decoder.net.out.weight.grad is not None
 
 
 def test_direct_loss_of_linked_stereo_learns_the_phase_difference() -> None:

@@ -116,6 +116,10 @@ def test_the_decoder_runs_once_per_step_for_all_losses() -> None:
     _, more = train.reconstruction_losses(codec, x, z, w)
     expected = (losses["total"] + 0.5 * more["band"] + more["flux"] + more["envelope"])
     assert torch.allclose(more["total"], expected, rtol=1e-5)
+    assert "peak" not in losses
+    _, peaked = train.reconstruction_losses(codec, x, z, train.LossWeights(peak=2.0))
+    assert torch.allclose(peaked["total"], losses["total"] + 2.0 * peaked["peak"], rtol=1e-5)
+    assert train.LossWeights.of(train.DecoderTrainConfig(peak_weight=2.0)).peak == 2.0
 
 
 def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
@@ -133,6 +137,7 @@ def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     assert train.saved_config("decoder", {"steps": 5})["magnitude_gate"] is False
     assert train.saved_config("decoder", {"steps": 5})["learned_lock"] is False
     assert train.saved_config("decoder", {"steps": 5})["focus_weight"] == 1.0
+    assert train.saved_config("decoder", {"steps": 5})["peak_weight"] == 0.0
     assert train.saved_config("decoder", {"flux_weight": 1.0})["flux_weight"] == 1.0  # a saved weight stays
     # ... and an LM run from before the contrast told no prompts apart
     assert train.saved_config("lm", {"steps": 5}) == {
