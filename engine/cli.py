@@ -564,6 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "hum must come out steady (default 3)")
     p.add_argument("--envelope-weight", type=_nonnegative, default=None,
                    help="the same on the audio after the overlap-add, in 4-ms frames (default 3)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start a fresh run from this decoder checkpoint's weights (one made for the same codec "
+                        "with the same decoder options, e.g. train all's runs/decoder), with a new optimizer "
+                        "and schedule")
     p.add_argument("--peak-weight", type=_nonnegative, default=None,
                    help="weight of where each partial under 1 kHz lies inside its 25-Hz bin (the magnitude tilt "
                         "across its peak against the target's), so a glide does not come out in steps (default 0)")

@@ -1630,7 +1630,8 @@ def run_cli(args: Any) -> int:
                                                        "magnitude_gate", "learned_lock", "peak_weight"))
         if cfg.phase_lock == 0 and getattr(args, "learned_lock", None) is None:
             cfg.learned_lock = False  # --phase-lock 0 turns the default learned lock off with it
-        rec = train_decoder(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command)
+        rec = train_decoder(out, cfg, codec_checkpoint=codec, device=args.device, fresh=args.fresh, command=command,
+                            init=getattr(args, "init", None))
         decoder = out / CHECKPOINT
         print(f"decoder: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {decoder}"

@@ -122,6 +122,26 @@ def test_the_decoder_runs_once_per_step_for_all_losses() -> None:
     assert train.LossWeights.of(train.DecoderTrainConfig(peak_weight=2.0)).peak == 2.0
 
 
+def test_train_decoder_cli_starts_from_init_with_the_peak_term(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """``cicada train decoder --init CKPT --peak-weight W`` passes the checkpoint on as ``init`` (a new run from
+    its weights) and the weight into the config."""
+    seen = {}
+
+    def fake(out, cfg, **kw):
+        seen.update(out=Path(out), cfg=cfg, **kw)
+        return dict(step=1, elapsed_minutes=0.1, device="cpu", losses={"peak": 1.0})
+
+    monkeypatch.setattr(train, "train_decoder", fake)
+    start = tmp_path / "runs" / "decoder" / train.CHECKPOINT
+    assert main(["train", "decoder", "--init", str(start), "--peak-weight", "0.5", "--focus", "5,2",
+                 "--out", str(tmp_path / "pk")]) == 0
+    assert seen["init"] == start and seen["out"] == tmp_path / "pk"
+    assert seen["cfg"].peak_weight == 0.5 and tuple(seen["cfg"].focus) == (5, 2)
+    assert main(["train", "decoder", "--out", str(tmp_path / "plain")]) == 0
+    assert seen["init"] is None and seen["cfg"].peak_weight == 0.0
+
+
 def test_saved_configs_from_before_a_field_keep_their_meaning() -> None:
     assert train.saved_config("decoder", {"steps": 5})["stereo_phase"] == "independent"
     assert train.saved_config("decoder", {"steps": 5})["flux_weight"] == 0.0
