@@ -486,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "SEANet; see docs/training.md); a resumed run keeps its checkpoint's kind")
     p = trs.add_parser("codec", parents=[run, kind], help="the causal stereo codec (resumable)")
     p.add_argument("--out", type=Path, default=root / "codec", help="run folder (default out/train/codec)")
+    p.add_argument("--peak-weight", type=_nonnegative, default=None,
+                   help="spectral codec: weight of where each partial under 1 kHz lies inside its 25-Hz bin "
+                        "(see `cicada train decoder --peak-weight`; default 0)")
     p.set_defaults(func=_cmd_train)
     p = trs.add_parser("codebooks", help="re-fit a trained codec's codebooks by k-means on latents of every prompt "
                                          "(new tokens: train the LM and decoder on them next)")

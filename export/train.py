@@ -104,6 +104,7 @@ class CodecTrainConfig:
     magnitude_weight: float = 0.5  # spectral codec only: per-bin log-magnitude L1
     phase_weight: float = 2.0  # spectral codec only: per-bin phase-advance (and inter-channel phase) loss
     stereo_weight: float = 0.0  # mid/side log-mel L1 (see spectral_loss)
+    peak_weight: float = 0.0  # spectral codec only: where each low partial lies inside its bin (spectral.peak_loss)
     vq_warmup: int = 300  # steps trained as a plain autoencoder before the codebooks start
     dead_code_every: int = 10
     codec: dict[str, Any] = field(
@@ -1592,7 +1593,7 @@ def run_cli(args: Any) -> int:
     common = ("steps", "minutes", "batch", "lr", "seed")
     if args.stage in ("codec", "all"):
         out = args.runs / "codec" if args.stage == "all" else args.out
-        cfg = _overrides(CODEC_KINDS[getattr(args, "kind", None) or "spectral"](), args, common)
+        cfg = _overrides(CODEC_KINDS[getattr(args, "kind", None) or "spectral"](), args, (*common, "peak_weight"))
         rec = train_codec(out, cfg, device=args.device, fresh=args.fresh, command=command)
         print(f"codec: step {rec['step']}, {rec['elapsed_minutes']} min on {rec['device']}, "
               f"losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")

@@ -580,11 +580,13 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     if not torch.cuda.is_available():
         assert main(["train", "codec", "--device", "cuda", "--out", str(tmp_path / "c")]) == 1
         assert "no CUDA GPU" in capsys.readouterr().err
-    assert main(["train", "codec", "--steps", "1", "--batch", "1", "--threads", "1", "--out", str(tmp_path / "c")]) == 0
+    assert main(["train", "codec", "--steps", "1", "--batch", "1", "--threads", "1", "--peak-weight", "0.5",
+                 "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "codec: step 1" in out and (tmp_path / "c" / train.CHECKPOINT).exists()
     codec, record = train.load_codec(tmp_path / "c" / train.CHECKPOINT)
     assert type(codec).__name__ == "SpectralCodec" and record["config"]["segment"] == 0.8  # the default kind
+    assert record["config"]["peak_weight"] == 0.5 and "peak" in record["losses"]  # trained on the peak term
     assert main(["train", "lm", "--codec", str(tmp_path / "c" / train.CHECKPOINT), "--corpus-clips", "2",
                  "--hysteresis", "0.2", "--steps", "1", "--batch", "1", "--threads", "1", "--out", str(tmp_path / "lm")]) == 0
     assert "lm: step 1" in capsys.readouterr().out
