@@ -728,6 +728,9 @@ def train_codec(
         cfg = resumed(CodecTrainConfig(**saved_config("codec", state["config"])), cfg)
         log.info("resuming the codec from %s at step %d of %d", ckpt_path, state["step"], cfg.steps)
     cfg = cfg or CodecTrainConfig()
+    if cfg.peak_weight and cfg.codec.get("kind") != "spectral":
+        raise TrainError(f"--peak-weight {cfg.peak_weight:g} weighs the spectral codec's per-bin magnitudes; the "
+                         "SEANet codec has none: drop --peak-weight, or train the spectral codec (--kind spectral)")
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # decaying tails and fades are denormal floats: 5-10x slower on CPU
     codec = make_codec(cfg.codec)

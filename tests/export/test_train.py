@@ -580,6 +580,9 @@ def test_cli_train_codec_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     if not torch.cuda.is_available():
         assert main(["train", "codec", "--device", "cuda", "--out", str(tmp_path / "c")]) == 1
         assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["train", "codec", "--kind", "seanet", "--peak-weight", "0.5", "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err  # refused before anything is trained or written
+    assert "--peak-weight 0.5" in err and "--kind spectral" in err and not (tmp_path / "s").exists()
     assert main(["train", "codec", "--steps", "1", "--batch", "1", "--threads", "1", "--peak-weight", "0.5",
                  "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
