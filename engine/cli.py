@@ -613,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default out/train)")
     p.add_argument("--out", type=Path, default=Path("packs/default"), help="pack folder (default packs/default)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--peak-weight", type=_nonnegative, default=None,
+                   help="the peak term (where each partial under 1 kHz lies inside its 25-Hz bin) in the codec "
+                        "stage and both decoder fine-tunes (default 0; see docs/training.md)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("devices", help="list sound devices, JACK ports and MIDI inputs")

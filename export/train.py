@@ -1672,7 +1672,7 @@ def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Pat
     print(f"lm focus ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}): step {rec['step']}, "
           f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
     out_dec = runs / "decoder_focus"
-    dcfg = _overrides(DecoderTrainConfig.focus_tune(heard["focus"]["decoder"]), args, common)
+    dcfg = _overrides(DecoderTrainConfig.focus_tune(heard["focus"]["decoder"]), args, (*common, "peak_weight"))
     rec = train_decoder(out_dec, dcfg, codec_checkpoint=codec, device=args.device,
                         fresh=_start_again(args, out_dec / CHECKPOINT, decoder, "decoder", dcfg.focus),
                         command=command, init=decoder)

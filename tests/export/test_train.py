@@ -682,6 +682,11 @@ def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypat
     assert "decoder: step 1" in printed and "lm focus (5,2 x3): step 1" in printed
     assert "decoder focus (16,7,21 x4): step 1" in printed
     assert "LM focus (5,2; heard as 5:14,2:6), decoder focus (16,7,21)" in printed
+    assert by["codec"]["cfg"].peak_weight == dcfg.peak_weight == by["decoder"]["cfg"].peak_weight == 0.0
+    calls.clear()  # --peak-weight reaches the codec and both decoder fine-tunes
+    assert main(["train", "all", "--runs", str(runs), "--out", str(tmp_path / "pack"), "--peak-weight", "0.5"]) == 0
+    weights = [c[1]["cfg"].peak_weight for c in calls if c[0] in ("codec", "decoder")]
+    assert weights == [0.5, 0.5, 0.5]
 
 
 def test_the_focus_stage_shares_the_corpus_and_restarts_when_its_lm_trained_on(tmp_path: Path) -> None:
