@@ -76,7 +76,7 @@ class TrainError(Exception):
 @dataclass
 class CodecTrainConfig:
     """Codec training at the defaults: the frame-rate spectral codec the shipped pack uses
-    (:mod:`export.spectral`), 3600 steps of 0.8 s examples, about 48 minutes on 2 CPU cores.
+    (:mod:`export.spectral`), 3600 steps of 0.8 s examples, 15-48 minutes on 2 CPU cores.
 
     Every frame gets per-bin targets (log magnitude and phase advance,
     ``magnitude_weight`` / ``phase_weight``) besides the audio losses. This
