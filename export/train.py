@@ -226,6 +226,8 @@ class LMTrainConfig:
     hysteresis: float = 0.0  # the quantiser's code hysteresis when encoding the corpus (ResidualVQ.encode;
     # 0.15 steadied the codes but did not raise text match: docs/training.md, "Held codes")
     text_len: int = 24
+    held_out_clips: int = 4  # per prompt, never trained on: their cross-entropy is measured as the LM trains
+    held_out_every: int = 1200  # steps between those measurements (and one at the end); 0: only at the end
     focus: tuple[int, ...] = ()  # prompt numbers (1-based, as in prompts.txt) drawn focus_weight times as often
     focus_weight: float = 1.0  # (prompt_weights): for a fine-tune (--init) on the prompts the LM confuses
     contrast: tuple[tuple[int, int], ...] = ()  # prompt pairs (1-based) the LM must tell apart by their text:
@@ -1072,18 +1074,57 @@ def unpacked_codec(pack: Any, need: str = "for --hysteresis with a pack") -> Spe
         raise TrainError(f"{exc} (needed {need})") from None
 
 
-def encode_corpus(tokens: TokenSource, cfg: LMTrainConfig, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The LM corpus: ``codes [N, K, F]`` int16 and ``labels [N]`` (prompt index), seeded by cfg.seed."""
+LM_CORPUS_FIELDS = ("corpus_clips", "corpus_seconds", "hysteresis", "held_out_clips", "frames", "context",
+                    "text_len")
+"""What an LM fine-tune takes from the LM it starts from in ``train all``: the same corpus (read from the LM
+stage's cache, not encoded again), held-out clips, crops and ring."""
+
+LM_CORPUS_SEED = 2000
+"""The LM corpus is ``data.corpus(cfg.seed + LM_CORPUS_SEED)``; its held-out clips (:func:`held_out_ce`) are
+``data.corpus(cfg.seed + LM_HELD_OUT_SEED)``, draws the LM never trains on."""
+LM_HELD_OUT_SEED = 9000
+
+
+def encode_corpus(tokens: TokenSource, cfg: LMTrainConfig, quiet: bool = False,
+                  held_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The LM corpus: ``codes [N, K, F]`` int16 and ``labels [N]`` (prompt index), seeded by cfg.seed;
+    ``held_out``: the ``cfg.held_out_clips`` per prompt the LM is measured on instead."""
     codes, labels = [], []
-    total = cfg.corpus_clips * len(data.prompts())
-    bar = Progress("encode", total, 0, quiet)
-    for i, (idx, clip) in enumerate(data.corpus(cfg.seed + 2000, cfg.corpus_clips, cfg.corpus_seconds,
-                                                tokens.sample_rate)):
+    clips = cfg.held_out_clips if held_out else cfg.corpus_clips
+    seed = cfg.seed + (LM_HELD_OUT_SEED if held_out else LM_CORPUS_SEED)
+    total = clips * len(data.prompts())
+    bar = Progress("held-out" if held_out else "encode", total, 0, quiet)
+    for i, (idx, clip) in enumerate(data.corpus(seed, clips, cfg.corpus_seconds, tokens.sample_rate)):
         codes.append(tokens.encode(dither(clip, np.random.default_rng(i))).astype(np.int16))
         labels.append(idx)
         bar.update(i + 1, {})
     bar.close()
     return np.stack(codes), np.asarray(labels, np.int64)
+
+
+def held_out_ce(lm: LM, text: TextEncoder, tok: WordTokenizer, codes: np.ndarray, labels: np.ndarray,
+                prompts: list[str], frames: int, window: int, batch: int = 12) -> list[float]:
+    """Teacher-forced cross-entropy per codebook (nats a code) of ``codes [N, K, F]`` under each clip's own
+    prompt: the middle ``frames`` of every clip, no context noise, no rewording. Measured on the training
+    corpus and on held-out clips alike, the two say how much of what the LM learned is the corpus by heart
+    (docs/training.md, "A larger LM corpus")."""
+    start = max(0, (codes.shape[-1] - frames) // 2)
+    sums, count = np.zeros(lm.cfg.n_codebooks), 0
+    was_training = lm.training
+    lm.eval()
+    text.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(codes), batch):
+                crop = torch.from_numpy(codes[i : i + batch, :, start : start + frames].astype(np.int64))
+                texts = [prompts[j] for j in labels[i : i + batch]]
+                _, per_book = lm_loss(lm, text, tok, crop.to(next(lm.parameters()).device), texts, window)
+                sums += np.asarray(per_book) * len(crop)
+                count += len(crop)
+    finally:
+        lm.train(was_training)
+        text.train(was_training)
+    return [float(v) for v in sums / max(count, 1)]
 
 
 def reword(text: str, rng: np.random.Generator) -> str:
@@ -1291,14 +1332,14 @@ def train_lm(
     prompts = data.prompts()
     weights = prompt_weights(cfg.focus, cfg.focus_weight, len(prompts))  # bad numbers fail before the corpus
     pair_map(cfg.contrast, len(prompts))
-    held = f"-h{cfg.hysteresis:g}" if cfg.hysteresis else ""
-    corpus_path = Path(corpus_dir or out) / f"corpus-{digest}-{cfg.seed}-{cfg.corpus_clips}x{cfg.corpus_seconds:g}s{held}.npz"
-    if corpus_path.exists():
-        with np.load(corpus_path) as z:
-            codes, labels = z["codes"], z["labels"]
-    else:
-        codes, labels = encode_corpus(tokens, cfg, quiet)
-        write_atomic(corpus_path, lambda fh: np.savez(fh, codes=codes, labels=labels))
+    held_tag = f"-h{cfg.hysteresis:g}" if cfg.hysteresis else ""
+    corpus_path = (Path(corpus_dir or out)
+                   / f"corpus-{digest}-{cfg.seed}-{cfg.corpus_clips}x{cfg.corpus_seconds:g}s{held_tag}.npz")
+    codes, labels = _cached_corpus(corpus_path, tokens, cfg, quiet)
+    held = None
+    if cfg.held_out_clips > 0:
+        held_name = f"held-out-{digest}-{cfg.seed}-{cfg.held_out_clips}x{cfg.corpus_seconds:g}s{held_tag}.npz"
+        held = _cached_corpus(corpus_path.with_name(held_name), tokens, cfg, quiet, held_out=True)
     if codes.shape[-1] < cfg.frames:
         raise TrainError(f"corpus clips have {codes.shape[-1]} frames, fewer than --frames {cfg.frames}")
 
@@ -1353,8 +1394,40 @@ def train_lm(
         ce = float(np.mean(per_book))
         return loss, dict(ce=ce, **{f"ce{k}": v for k, v in enumerate(per_book)}, **terms)
 
-    saved = loop.run(cfg, opt, params, 1.0, step_fn, checkpoint, quiet)
+    def measure() -> None:
+        """Held-out cross-entropy against the same measure on as many training clips (into the record)."""
+        if held is None:
+            return
+        n = len(held[0])
+        fit = held_out_ce(lm, text, tok, codes[:n], labels[:n], prompts, cfg.frames, cfg.context)
+        new = held_out_ce(lm, text, tok, *held, prompts, cfg.frames, cfg.context)
+        record["held_out"] = dict(step=loop.step, clips=n, ce=float(np.mean(new)), train_ce=float(np.mean(fit)),
+                                  gap=float(np.mean(new) - np.mean(fit)),
+                                  **{f"ce{k}": v for k, v in enumerate(new)})
+        log.info("lm: step %d: held-out ce %.3f (%s), training clips %.3f: %.3f nats a code learned by heart",
+                 loop.step, np.mean(new), " ".join(f"{v:.2f}" for v in new), np.mean(fit),
+                 np.mean(new) - np.mean(fit))
+
+    def after(step: int) -> None:
+        if step == cfg.steps or (cfg.held_out_every > 0 and step % cfg.held_out_every == 0):
+            measure()
+
+    saved = loop.run(cfg, opt, params, 1.0, step_fn, checkpoint, quiet, after)
+    if saved and held is not None and record.get("held_out", {}).get("step") != loop.step:
+        measure()  # stopped by the cap: measured where it stopped
+        checkpoint()
     return record if saved or state is None else state["record"]
+
+
+def _cached_corpus(path: Path, tokens: TokenSource, cfg: LMTrainConfig, quiet: bool,
+                   held_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_corpus`, cached in ``path`` (written atomically)."""
+    if path.exists():
+        with np.load(path) as z:
+            return z["codes"], z["labels"]
+    codes, labels = encode_corpus(tokens, cfg, quiet, held_out)
+    write_atomic(path, lambda fh: np.savez(fh, codes=codes, labels=labels))
+    return codes, labels
 
 
 def _lm_source(path: str | Path) -> tuple[LM, TextEncoder, WordTokenizer, dict[str, Any]]:
@@ -1665,7 +1738,9 @@ def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Pat
                   cfg=ProbeConfig())
     print(summary(heard))
     out = runs / "lm_focus"
-    cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"])), args, common)
+    base = saved_config("lm", load_checkpoint(base_lm, "lm")["config"])
+    cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"]),
+                                              **{k: base[k] for k in LM_CORPUS_FIELDS if k in base}), args, common)
     rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device,
                    fresh=_start_again(args, out / CHECKPOINT, base_lm, "lm", cfg.focus, cfg.contrast),
                    command=command, init=base_lm, sized_like_init=True, corpus_dir=runs / "lm")

@@ -25,7 +25,7 @@ def tiny_seanet_cfg(steps: int) -> train.CodecTrainConfig:
 def tiny_lm_cfg(steps: int) -> train.LMTrainConfig:
     cfg = train.LMTrainConfig(steps=steps, batch=4, frames=20, context=12, warmup=2, lr=3e-3,
                               corpus_clips=1, corpus_seconds=0.6, text_len=20, hysteresis=0.15,
-                              context_noise=0.1)
+                              context_noise=0.1, held_out_clips=1)
     cfg.lm.update(dim=32, layers=2, heads=2, ffn_dim=64, text_input=True)
     cfg.text.update(dim=32, layers=1, heads=2, ffn_dim=64)
     return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,34 @@ def test_lm_training_lowers_the_loss(runs: Path) -> None:
         before, _ = train.lm_loss(fresh_lm, fresh_text, tok, batch, texts, window=cfg.context)
         after, _ = train.lm_loss(lm, text, tok, batch, texts, window=cfg.context)
     assert float(after) < float(before) - 0.05
+
+
+def test_lm_training_measures_held_out_clips(runs: Path) -> None:
+    """The LM stage encodes clips it never trains on (another corpus seed, cached beside the corpus) and
+    records their teacher-forced cross-entropy against the same measure on as many training clips."""
+    rec = torch.load(runs / "lm" / train.CHECKPOINT, weights_only=False)["record"]
+    held = rec["held_out"]
+    assert held["step"] == 6 and held["clips"] == 22
+    per_book = [held[f"ce{k}"] for k in range(4)]
+    assert all(math.isfinite(v) and v > 0 for v in per_book)
+    assert held["ce"] == pytest.approx(float(np.mean(per_book)))
+    assert held["gap"] == pytest.approx(held["ce"] - held["train_ce"])
+    with np.load(next((runs / "lm").glob("held-out-*.npz"))) as z:
+        held_codes, held_labels = z["codes"], z["labels"]
+    with np.load(next((runs / "lm").glob("corpus-*.npz"))) as z:
+        codes, labels = z["codes"], z["labels"]
+    assert held_codes.shape == codes.shape and (held_labels == labels).all()
+    assert not (held_codes == codes).all()  # other draws of the same prompts
+    # The record's number is the measure itself, over the held-out clips' middle frames.
+    lm, text, tok, _ = train.load_lm(runs / "lm" / train.CHECKPOINT)
+    cfg = train.LMTrainConfig(**rec["config"])
+    from export import data
+
+    lm.train()
+    text.train()
+    again = train.held_out_ce(lm, text, tok, held_codes, held_labels, data.prompts(), cfg.frames, cfg.context)
+    assert again == pytest.approx(per_book, rel=1e-4)
+    assert lm.training and text.training  # measured in eval mode, then put back as they were
 
 
 def test_self_feed_puts_the_lms_own_samples_in_its_input(runs: Path) -> None:
@@ -627,6 +656,10 @@ def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypat
     def stage(name: str):
         def run(out, cfg=None, **kw):
             calls.append((name, dict(out=Path(out), cfg=cfg, **kw)))
+            if name == "lm" and kw.get("init") is None:  # the LM stage: a checkpoint whose corpus is not the default
+                Path(out).mkdir(parents=True, exist_ok=True)
+                torch.save(dict(config={**dataclasses.asdict(cfg), "corpus_clips": 7, "held_out_clips": 2}),
+                           Path(out) / train.CHECKPOINT)
             return rec
         return run
 
@@ -671,6 +704,7 @@ def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypat
     cfg = lm_focus["cfg"]
     assert (tuple(cfg.focus), cfg.focus_weight, cfg.steps, cfg.lr, cfg.seed) == ((5, 2), 3.0, 1000, 1e-4, 3)
     assert cfg.contrast == ()  # what the probe heard them as is only reported (the contrast did not help)
+    assert (cfg.corpus_clips, cfg.held_out_clips) == (7, 2)  # the LM stage's corpus, not the defaults'
     # the decoder's, from the decoder stage's checkpoint
     assert dec_focus["out"] == runs / "decoder_focus" and dec_focus["init"] == runs / "decoder" / ckpt
     dcfg = dec_focus["cfg"]
