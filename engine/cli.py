@@ -514,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="codec checkpoint, or a pack folder whose encoder.onnx makes the tokens (e.g. packs/default)")
     p.add_argument("--context", type=_positive(int), default=None, help="ring-cache frames of the pack (default 150)")
     p.add_argument("--corpus-clips", type=_positive(int), default=None,
-                   help="corpus clips per prompt, encoded once and cached (default: the stage's)")
+                   help="corpus clips of 8 s per prompt, encoded once and cached (default 512; the record's "
+                        "held_out says how much of them the LM learned by heart)")
     p.add_argument("--hysteresis", type=_fraction, default=None,
                    help="encode the corpus keeping a frame's previous code while it is this near, as a fraction "
                         "of the residual's energy (default 0: always the nearest code; see docs/training.md)")

@@ -198,8 +198,8 @@ class DecoderTrainConfig:
 
 @dataclass
 class LMTrainConfig:
-    """LM training at the defaults: about 75 minutes on 2 CPU cores (4 to encode the corpus, 70 to train;
-    4800 steps took 71 min here, and the cap stops a slower machine's run at 70).
+    """LM training at the defaults: about 80 minutes on 2 CPU cores (7 to encode the corpus, 70 to train;
+    4800 steps took 68-73 min here, and the cap stops a slower machine's run at 70).
 
     The LM is half the depth of the ``tiny`` shape (8 layers of 256), and sees a
     ring of ``context`` frames at run time; training sequences are longer than
@@ -221,7 +221,9 @@ class LMTrainConfig:
     # the LM learns not to trust one odd token of its own context, and to lean on the prompt
     self_feed: float = 0.0  # fraction of the input codes replaced by the LM's own samples (see lm_loss)
     text_variation: float = 0.5  # fraction of prompts reworded (order, a dropped word)
-    corpus_clips: int = 128  # per prompt (16 let the LM learn its clips by heart: cross-entropy 0.1)
+    corpus_clips: int = 512  # per prompt: 16 let the LM learn its clips by heart (cross-entropy 0.1); at 128
+    # it still did (held-out 0.51 nats a code above its training clips, 0.07 at 512: docs/training.md,
+    # "A larger LM corpus")
     corpus_seconds: float = 8.0
     hysteresis: float = 0.0  # the quantiser's code hysteresis when encoding the corpus (ResidualVQ.encode;
     # 0.15 steadied the codes but did not raise text match: docs/training.md, "Held codes")
