@@ -1334,14 +1334,9 @@ def train_lm(
     prompts = data.prompts()
     weights = prompt_weights(cfg.focus, cfg.focus_weight, len(prompts))  # bad numbers fail before the corpus
     pair_map(cfg.contrast, len(prompts))
-    held_tag = f"-h{cfg.hysteresis:g}" if cfg.hysteresis else ""
-    corpus_path = (Path(corpus_dir or out)
-                   / f"corpus-{digest}-{cfg.seed}-{cfg.corpus_clips}x{cfg.corpus_seconds:g}s{held_tag}.npz")
-    codes, labels = _cached_corpus(corpus_path, tokens, cfg, quiet)
-    held = None
-    if cfg.held_out_clips > 0:
-        held_name = f"held-out-{digest}-{cfg.seed}-{cfg.held_out_clips}x{cfg.corpus_seconds:g}s{held_tag}.npz"
-        held = _cached_corpus(corpus_path.with_name(held_name), tokens, cfg, quiet, held_out=True)
+    folder = Path(corpus_dir or out)
+    codes, labels = _cached_corpus(folder, tokens, cfg, quiet)
+    held = _cached_corpus(folder, tokens, cfg, quiet, held_out=True) if cfg.held_out_clips > 0 else None
     if codes.shape[-1] < cfg.frames:
         raise TrainError(f"corpus clips have {codes.shape[-1]} frames, fewer than --frames {cfg.frames}")
 
@@ -1421,9 +1416,13 @@ def train_lm(
     return record if saved or state is None else state["record"]
 
 
-def _cached_corpus(path: Path, tokens: TokenSource, cfg: LMTrainConfig, quiet: bool,
+def _cached_corpus(folder: Path, tokens: TokenSource, cfg: LMTrainConfig, quiet: bool,
                    held_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`encode_corpus`, cached in ``path`` (written atomically)."""
+    """:func:`encode_corpus`, cached in ``folder`` (written atomically) under a name that says what it holds:
+    the codec's digest, the seed, clips per prompt and their length, and the hysteresis if any."""
+    kind, clips = ("held-out", cfg.held_out_clips) if held_out else ("corpus", cfg.corpus_clips)
+    hysteresis = f"-h{cfg.hysteresis:g}" if cfg.hysteresis else ""
+    path = folder / f"{kind}-{tokens.digest}-{cfg.seed}-{clips}x{cfg.corpus_seconds:g}s{hysteresis}.npz"
     if path.exists():
         with np.load(path) as z:
             return z["codes"], z["labels"]
