@@ -617,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-weight", type=_nonnegative, default=None,
                    help="the peak term (where each partial under 1 kHz lies inside its 25-Hz bin) in the codec "
                         "stage and both decoder fine-tunes (default 0; see docs/training.md)")
+    p.add_argument("--rounds", type=_positive(int), default=1,
+                   help="rounds of the probe and the two focus fine-tunes, each round from the one before "
+                        "(default 1; round N's folders are probeN, lm_focusN, decoder_focusN)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("devices", help="list sound devices, JACK ports and MIDI inputs")

@@ -1728,33 +1728,38 @@ def run_cli(args: Any) -> int:
 
 
 def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Path) -> tuple[Path, Path]:
-    """``train all`` after its LM and decoder stages: the probe, then the LM's and the decoder's focus
-    fine-tunes, each from its stage's checkpoint and aimed at the prompts the probe heard it confuse;
-    returns the two checkpoints the pack takes."""
+    """``train all`` after its LM and decoder stages: ``--rounds`` rounds (default 1) of the probe, then the
+    LM's and the decoder's focus fine-tunes, each from the checkpoint the round before left and aimed at
+    the prompts the probe heard it confuse; returns the two checkpoints the pack takes. Round 1's folders
+    are ``probe``, ``lm_focus`` and ``decoder_focus``; round N's add N (``probe2``, ...)."""
     from export.probe import ProbeConfig, probe, summary
 
     runs, codec = args.runs, args.runs / "codec" / CHECKPOINT
-    base_lm = runs / "lm" / CHECKPOINT
-    heard = probe(runs / "probe", codec_checkpoint=codec, lm_checkpoint=base_lm, decoder_checkpoint=decoder,
-                  cfg=ProbeConfig())
-    print(summary(heard))
-    out = runs / "lm_focus"
-    base = saved_config("lm", load_checkpoint(base_lm, "lm")["config"])
-    cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"]),
-                                              **{k: base[k] for k in LM_CORPUS_FIELDS if k in base}), args, common)
-    rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device,
-                   fresh=_start_again(args, out / CHECKPOINT, base_lm, "lm", cfg.focus, cfg.contrast),
-                   command=command, init=base_lm, sized_like_init=True, corpus_dir=runs / "lm")
-    print(f"lm focus ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}): step {rec['step']}, "
-          f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
-    out_dec = runs / "decoder_focus"
-    dcfg = _overrides(DecoderTrainConfig.focus_tune(heard["focus"]["decoder"]), args, (*common, "peak_weight"))
-    rec = train_decoder(out_dec, dcfg, codec_checkpoint=codec, device=args.device,
-                        fresh=_start_again(args, out_dec / CHECKPOINT, decoder, "decoder", dcfg.focus),
-                        command=command, init=decoder)
-    print(f"decoder focus ({','.join(map(str, dcfg.focus)) or '-'} x{dcfg.focus_weight:g}): step {rec['step']}, "
-          f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out_dec / CHECKPOINT}")
-    return out / CHECKPOINT, out_dec / CHECKPOINT
+    lm = runs / "lm" / CHECKPOINT
+    for n in range(1, getattr(args, "rounds", 1) + 1):
+        tag = "" if n == 1 else str(n)
+        heard = probe(runs / f"probe{tag}", codec_checkpoint=codec, lm_checkpoint=lm, decoder_checkpoint=decoder,
+                      cfg=ProbeConfig())
+        print(summary(heard))
+        out = runs / f"lm_focus{tag}"
+        base = saved_config("lm", load_checkpoint(lm, "lm")["config"])
+        cfg = _overrides(LMTrainConfig.focus_tune(focus=tuple(heard["focus"]["lm"]),
+                                                  **{k: base[k] for k in LM_CORPUS_FIELDS if k in base}),
+                         args, common)
+        rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device,
+                       fresh=_start_again(args, out / CHECKPOINT, lm, "lm", cfg.focus, cfg.contrast),
+                       command=command, init=lm, sized_like_init=True, corpus_dir=runs / "lm")
+        print(f"lm focus{tag} ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}): step "
+              f"{rec['step']}, {rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
+        out_dec = runs / f"decoder_focus{tag}"
+        dcfg = _overrides(DecoderTrainConfig.focus_tune(heard["focus"]["decoder"]), args, (*common, "peak_weight"))
+        rec = train_decoder(out_dec, dcfg, codec_checkpoint=codec, device=args.device,
+                            fresh=_start_again(args, out_dec / CHECKPOINT, decoder, "decoder", dcfg.focus),
+                            command=command, init=decoder)
+        print(f"decoder focus{tag} ({','.join(map(str, dcfg.focus)) or '-'} x{dcfg.focus_weight:g}): step "
+              f"{rec['step']}, {rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out_dec / CHECKPOINT}")
+        lm, decoder = out / CHECKPOINT, out_dec / CHECKPOINT
+    return lm, decoder
 
 
 def _start_again(args: Any, checkpoint: Path, init: Path, stage: str, focus: Sequence[int],

@@ -656,7 +656,7 @@ def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypat
     def stage(name: str):
         def run(out, cfg=None, **kw):
             calls.append((name, dict(out=Path(out), cfg=cfg, **kw)))
-            if name == "lm" and kw.get("init") is None:  # the LM stage: a checkpoint whose corpus is not the default
+            if name == "lm":  # a checkpoint whose corpus is not the default (the LM stage's, and the focus's)
                 Path(out).mkdir(parents=True, exist_ok=True)
                 torch.save(dict(config={**dataclasses.asdict(cfg), "corpus_clips": 7, "held_out_clips": 2}),
                            Path(out) / train.CHECKPOINT)
@@ -721,6 +721,19 @@ def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypat
     assert main(["train", "all", "--runs", str(runs), "--out", str(tmp_path / "pack"), "--peak-weight", "0.5"]) == 0
     weights = [c[1]["cfg"].peak_weight for c in calls if c[0] in ("codec", "decoder")]
     assert weights == [0.5, 0.5, 0.5]
+    calls.clear()  # --rounds 2: a second probe and pair of fine-tunes, each from what the first round left
+    assert main(["train", "all", "--runs", str(runs), "--out", str(tmp_path / "pack"), "--rounds", "2"]) == 0
+    assert [c[0] for c in calls] == ["codec", "lm", "decoder", "probe", "lm", "decoder", "probe", "lm", "decoder",
+                                     "pack"]
+    probe2, lm2, dec2, packed = (c[1] for c in calls[6:])
+    assert probe2["out"] == runs / "probe2" and probe2["lm_checkpoint"] == runs / "lm_focus" / ckpt
+    assert probe2["decoder_checkpoint"] == runs / "decoder_focus" / ckpt
+    assert lm2["out"] == runs / "lm_focus2" and lm2["init"] == runs / "lm_focus" / ckpt
+    assert lm2["corpus_dir"] == runs / "lm" and (lm2["cfg"].corpus_clips, tuple(lm2["cfg"].focus)) == (7, (5, 2))
+    assert dec2["out"] == runs / "decoder_focus2" and dec2["init"] == runs / "decoder_focus" / ckpt
+    assert packed["lm_checkpoint"] == runs / "lm_focus2" / ckpt
+    assert packed["decoder_checkpoint"] == runs / "decoder_focus2" / ckpt
+    assert "lm focus2 (5,2 x3): step 1" in capsys.readouterr().out
 
 
 def test_the_focus_stage_shares_the_corpus_and_restarts_when_its_lm_trained_on(tmp_path: Path) -> None:
