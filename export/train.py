@@ -1736,7 +1736,7 @@ def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Pat
 
     runs, codec = args.runs, args.runs / "codec" / CHECKPOINT
     lm = runs / "lm" / CHECKPOINT
-    for n in range(1, getattr(args, "rounds", 1) + 1):
+    for n in range(1, args.rounds + 1):
         tag = "" if n == 1 else str(n)
         heard = probe(runs / f"probe{tag}", codec_checkpoint=codec, lm_checkpoint=lm, decoder_checkpoint=decoder,
                       cfg=ProbeConfig())
