@@ -1749,15 +1749,13 @@ def _focus_stages(args: Any, command: str, common: tuple[str, ...], decoder: Pat
         rec = train_lm(out, cfg, codec_checkpoint=codec, device=args.device,
                        fresh=_start_again(args, out / CHECKPOINT, lm, "lm", cfg.focus, cfg.contrast),
                        command=command, init=lm, sized_like_init=True, corpus_dir=runs / "lm")
-        print(f"lm focus{tag} ({','.join(map(str, cfg.focus)) or '-'} x{cfg.focus_weight:g}): step "
-              f"{rec['step']}, {rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out / CHECKPOINT}")
+        print(_focus_done(f"lm focus{tag}", cfg.focus, cfg.focus_weight, rec, out / CHECKPOINT))
         out_dec = runs / f"decoder_focus{tag}"
         dcfg = _overrides(DecoderTrainConfig.focus_tune(heard["focus"]["decoder"]), args, (*common, "peak_weight"))
         rec = train_decoder(out_dec, dcfg, codec_checkpoint=codec, device=args.device,
                             fresh=_start_again(args, out_dec / CHECKPOINT, decoder, "decoder", dcfg.focus),
                             command=command, init=decoder)
-        print(f"decoder focus{tag} ({','.join(map(str, dcfg.focus)) or '-'} x{dcfg.focus_weight:g}): step "
-              f"{rec['step']}, {rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {out_dec / CHECKPOINT}")
+        print(_focus_done(f"decoder focus{tag}", dcfg.focus, dcfg.focus_weight, rec, out_dec / CHECKPOINT))
         lm, decoder = out / CHECKPOINT, out_dec / CHECKPOINT
     return lm, decoder
 
@@ -1773,6 +1771,12 @@ def _start_again(args: Any, checkpoint: Path, init: Path, stage: str, focus: Seq
 
 def _fmt(losses: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
+
+
+def _focus_done(label: str, focus: Sequence[int], weight: float, rec: dict[str, Any], path: Path) -> str:
+    """The line a focus fine-tune of ``train all`` ends with: its prompts and weight, steps, time, losses."""
+    return (f"{label} ({','.join(map(str, focus)) or '-'} x{weight:g}): step {rec['step']}, "
+            f"{rec['elapsed_minutes']} min, losses {_fmt(rec['losses'])} -> {path}")
 
 
 def command_line() -> str:

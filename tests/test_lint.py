@@ -16,4 +16,5 @@ def test_ruff_check_is_clean() -> None:
         "ruff is not installed: pip install -e '.[dev]' (or run bash scripts/bootstrap.sh test)")
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *CHECKED],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"ruff check found problems (fix them, or `ruff check --fix`):\n{done.stdout}{done.stderr}"
+    assert done.returncode == 0, (
+        f"ruff check found problems (fix them, or `ruff check --fix`):\n{done.stdout}{done.stderr}")
