@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps (default: the stage's)")
     run.add_argument("--minutes", type=_positive(float), default=None, help="wall-clock cap for the stage (default: codec 50, LM 70, "
-                                                                               "decoder 35, LM focus 35, decoder focus 35)")
+                                                                               "decoder 35, LM focus 35, decoder focus 45)")
     run.add_argument("--batch", type=_positive(int), default=None, help="batch size (default: the stage's)")
     run.add_argument("--lr", type=_positive(float), default=None, help="peak learning rate")
     run.add_argument("--seed", type=int, default=0, help="seed for weights, corpus and batches (default 0)")

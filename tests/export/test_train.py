@@ -708,7 +708,8 @@ def test_cli_train_all_probes_then_aims_the_fine_tunes(tmp_path: Path, monkeypat
     # the decoder's, from the decoder stage's checkpoint
     assert dec_focus["out"] == runs / "decoder_focus" and dec_focus["init"] == runs / "decoder" / ckpt
     dcfg = dec_focus["cfg"]
-    assert (tuple(dcfg.focus), dcfg.focus_weight, dcfg.steps, dcfg.seed) == ((16, 7, 21), 4.0, 4000, 3)
+    assert (tuple(dcfg.focus), dcfg.focus_weight, dcfg.steps, dcfg.seed) == ((16, 7, 21), 4.0, 8000, 3)
+    assert dcfg.minutes == 45.0  # twice the decoder stage's 4000 steps, and room for them on 2 cores
     assert dcfg.learned_lock and dcfg.phase_lock == 3 and not dec_focus["fresh"]
     assert packed["decoder_checkpoint"] == runs / "decoder_focus" / ckpt
     assert packed["lm_checkpoint"] == runs / "lm_focus" / ckpt
