@@ -194,7 +194,7 @@ class DecoderTrainConfig:
         (about 21 minutes on 2 idle cores), drawing the prompts the probe heard the codec lose
         (:mod:`export.probe`) four times as often, as each of the shipped decoder's later fine-tunes did with
         the prompts of its day. Twice the decoder stage's steps since session 31: the shipped decoder had
-        five fine-tunes of 4000 steps, and a second 4000 on a from-scratch run's decoder focus lifted it from
+        six fine-tunes of 4000 steps, and a second 4000 on a from-scratch run's decoder focus lifted it from
         158 to 161 of 176 clips (docs/training.md, "A longer decoder focus")."""
         return cls(**{**dict(focus=tuple(focus), focus_weight=4.0, steps=8000, minutes=45.0), **overrides})
 
